@@ -1,0 +1,441 @@
+"""
+model.py -- the small LLM, and the vision-language model that joins ViT -> projector -> LLM.
+
+The LLM is a decoder-only transformer in the modern (LLaMA) style: RMSNorm, rotary position embeddings,
+causal attention through F.scaled_dot_product_attention with a KV cache for generation, and a SwiGLU FFN.
+Any block's FFN can instead be an MoE layer (moe.py); which ones follows MoE-LLaVA's `moe_mode`.
+
+The vision-language model (VLM) follows LLaVA: the text is tokenised with one placeholder id per image patch
+at the image's place, the text tokens are embedded, and the projected ViT patch features are written over the
+placeholder positions. The LLM then runs on that mixed sequence. Only assistant answers are supervised.
+
+Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM.
+"""
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe import MoEConfig, MoELayer, RoutingStats, SwiGLUExperts
+from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
+
+IGNORE_INDEX = -100  # label of positions that are not supervised (image, prompt, padding): F.cross_entropy skips it
+IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel id for an image-patch position; it is never embedded
+MOE_MODES = ("sparse", "dense", "first_half", "second_half")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    vocab_size: int = 2048
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    ffn_dim: int = 384  # SwiGLU hidden size, about 8/3 * dim as in LLaMA
+    max_seq_len: int = 256  # longest sequence (prompt + image tokens + answer) the rotary table covers
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix (GPT-2)
+    moe_layers: str = ""  # "" = dense model; else a MoE-LLaVA moe_mode or an explicit list such as "0,2,5"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise ValueError(f"LLMConfig: dim={self.dim} must split into n_head={self.n_head} heads of even size")
+        moe_layer_indices(self.moe_layers, self.n_layer)  # fail early on a bad placement
+
+
+def moe_layer_indices(moe_layers, n_layer):
+    """Which blocks get an MoE FFN, by MoE-LLaVA's moe_mode (their train script) or an explicit list.
+
+    sparse: every other layer from 0 (MoE-LLaVA's choice) | dense: all | first_half | second_half | "0,2,5".
+    """
+    if moe_layers == "":
+        return []
+    if moe_layers == "sparse":
+        return list(range(0, n_layer, 2))
+    if moe_layers == "dense":
+        return list(range(n_layer))
+    if moe_layers == "first_half":
+        return list(range(n_layer // 2))
+    if moe_layers == "second_half":
+        return list(range(n_layer // 2, n_layer))
+    try:
+        indices = sorted({int(i) for i in moe_layers.split(",")})
+    except ValueError:
+        raise ValueError(f"moe_layers={moe_layers!r}: use one of {MOE_MODES} or a comma-separated list of layer "
+                         f"indices such as '0,2'") from None
+    if indices[0] < 0 or indices[-1] >= n_layer:
+        raise ValueError(f"moe_layers={moe_layers!r}: layer indices must lie in 0..{n_layer - 1}")
+    return indices
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g, computed in fp32 (Zhang & Sennrich 2019; LLaMA): LayerNorm without centring or bias."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(max_len, head_dim, theta):
+    """cos and sin of position * frequency, (max_len, head_dim / 2), frequencies theta^(-2i/d) (RoFormer)."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x[i], x[i + d/2]) by its position's angle. x: (B, nh, T, hd); cos, sin: (B, 1, T, hd/2).
+
+    Queries and keys rotated this way have dot products that depend only on their relative position.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Every layer's keys and values of the tokens seen so far, so that each generated token costs O(T), not O(T^2).
+
+    Preallocated for max_len positions; `length` is how many are filled. The LLM's forward appends and then
+    calls advance() once all layers have stored the new positions.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, head_dim, max_len, device, dtype):
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Store (B, nh, T, hd) new keys/values of `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KVCache: {end} positions exceed its size {self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n):
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=None):
+        """attn_mask: None for plain causal attention, else a (B, 1, T, T_past + T) bool mask, True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, T_past + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward network: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants"; LLaMA).
+
+    moe.SwiGLUExperts is its expert form; MoE-LLaVA's stage III upcycles this module into an MoE layer.
+    """
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x)); the FFN is dense or MoE."""
+
+    def __init__(self, config: LLMConfig, use_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        if use_moe:
+            self.ffn = MoELayer(config.moe, SwiGLUExperts(config.moe.num_experts, config.dim, config.ffn_dim))
+        else:
+            self.ffn = MLP(config)
+
+    @property
+    def is_moe(self):
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x, cos, sin, attn_mask, token_mask, image_mask, cache, layer):
+        """Returns the new residual stream (B, T, C) and this block's RoutingStats (None for a dense FFN)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            out, stats = self.ffn(h, token_mask, image_mask)
+        else:
+            out, stats = self.ffn(h), None
+        return x + out, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LLM
+
+
+@dataclass
+class LLMOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    routing: list  # RoutingStats of each MoE block, in layer order
+
+
+def init_weights(model):
+    """All of the LLM's initialisation, in one place (GPT-2 / nanoGPT):
+    - token embeddings, attention and FFN matrices, stacked expert matrices and routers ~ N(0, 0.02);
+    - the matrices that write into the residual stream (attention o_proj, FFN down_proj, each expert's down_proj)
+      ~ N(0, 0.02 / sqrt(2 * n_layer)), so the residual stream's variance does not grow with depth;
+    - RMSNorm gains 1.
+    """
+    std_residual = 0.02 / (2 * model.config.n_layer) ** 0.5
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            nn.init.ones_(p)  # the only vectors in the LLM are RMSNorm gains
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            nn.init.normal_(p, std=std_residual)
+        else:
+            nn.init.normal_(p, std=0.02)
+
+
+def lm_loss(logits, labels):
+    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX positions are skipped."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, generator=None):
+    """Pick the next token from (B, vocab) logits: greedy at temperature 0, else sample from the top_k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class LLM(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        moe_blocks = set(moe_layer_indices(config.moe_layers, config.n_layer))
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, i in moe_blocks) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rotary_tables(config.max_seq_len, config.dim // config.n_head, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self)
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, image_mask=None, cache=None):
+        """Logits for every position, and the routing statistics of every MoE block.
+
+        input_ids (B, T) or inputs_embeds (B, T, C): the new tokens.
+        attention_mask (B, T_past + T) bool, True at real tokens, covering the cached positions too. Padding may
+            be on the right (training batches) or the left (batched generation); positions count real tokens only.
+        image_mask (B, T) bool, True at image positions: lets the MoE layers count image and text separately.
+        cache: a KVCache to read the past from and append to (generation).
+        """
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens is longer than max_seq_len={self.config.max_seq_len}")
+
+        # Positions: the index among a row's real tokens, so left padding does not shift them.
+        if attention_mask is None:
+            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd/2)
+
+        # Attention mask: plain causal (the fast path) when there is neither padding nor a cache; else explicit.
+        attn_mask = None
+        if attention_mask is not None or cache is not None:
+            key_real = torch.ones(B, past + T, dtype=torch.bool, device=x.device) if attention_mask is None \
+                else attention_mask.bool()
+            query_pos = torch.arange(past, past + T, device=x.device)[:, None]  # (T, 1)
+            key_pos = torch.arange(past + T, device=x.device)[None, :]  # (1, T_past + T)
+            # a query sees real keys at or before it, and always itself (so a padding row is never all-masked)
+            attn_mask = (key_pos <= query_pos) & (key_real[:, None, :] | (key_pos == query_pos))
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, T_past + T)
+        token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
+
+        routing = []
+        for i, block in enumerate(self.blocks):
+            x, stats = block(x, cos, sin, attn_mask, token_mask, image_mask, cache, i)
+            if stats is not None:
+                routing.append(stats)
+        if cache is not None:
+            cache.advance(T)
+        return LLMOutput(logits=self.lm_head(self.norm(x)), routing=routing)
+
+    def new_cache(self, batch_size, max_len, dtype=None):
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.dim // c.n_head, max_len,
+                       self.tok_emb.weight.device, dtype or self.tok_emb.weight.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, max_new_tokens=32,
+                 temperature=0.0, top_k=None, eos_id=None, use_cache=True, generator=None):
+        """Continue a batch of prompts; returns the new tokens (B, n <= max_new_tokens).
+
+        Prompts of different lengths are left-padded, with attention_mask marking the real tokens. With the KV
+        cache each step feeds only the newest token; without it the whole sequence is recomputed each step --
+        slower, and the reference the cached path must match. After a row emits eos_id it repeats eos_id.
+        """
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T0, C)
+        B, T0, _ = x.shape
+        mask = torch.ones(B, T0, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        cache = self.new_cache(B, T0 + max_new_tokens, x.dtype) if use_cache else None
+        finished = torch.zeros(B, dtype=torch.bool, device=x.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            logits = self(inputs_embeds=x, attention_mask=mask, cache=cache).logits[:, -1]  # (B, vocab)
+            token = sample_next(logits, temperature, top_k, generator)
+            if eos_id is not None:
+                token = token.masked_fill(finished, eos_id)
+                finished |= token == eos_id
+            new_tokens.append(token)
+            if eos_id is not None and finished.all():
+                break
+            token_emb = self.tok_emb(token)[:, None]  # (B, 1, C)
+            x = token_emb if use_cache else torch.cat([x, token_emb], dim=1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        return torch.stack(new_tokens, dim=1)
+
+    def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig):
+        """Turn the dense FFNs of the chosen blocks into MoE layers whose experts copy them (MoE-LLaVA stage III)."""
+        for i in moe_layer_indices(moe_layers, self.config.n_layer):
+            block = self.blocks[i]
+            if block.is_moe:
+                raise ValueError(f"block {i} already has an MoE FFN")
+            block.ffn = MoELayer.upcycle(block.ffn, moe_config, SwiGLUExperts)
+        self.config = replace(self.config, moe_layers=moe_layers, moe=moe_config)
+
+
+def param_counts(model):
+    """Total, trainable, and active-per-token parameters (an MoE layer only runs k of its E experts per token)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            cfg = module.config
+            expert_params = sum(p.numel() for p in module.experts.parameters())
+            inactive += expert_params * (cfg.num_experts - cfg.top_k) // cfg.num_experts
+    return {"total": total, "trainable": trainable, "active": total - inactive}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vision-language model
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: str = "mlp2x_gelu"
+
+
+PRESETS = {
+    "tiny": VLMConfig(vision=VIT_PRESETS["tiny"],
+                      llm=LLMConfig(dim=128, n_layer=4, n_head=4, ffn_dim=384, max_seq_len=256)),
+    "small": VLMConfig(vision=VIT_PRESETS["small"],
+                       llm=LLMConfig(dim=512, n_layer=8, n_head=8, ffn_dim=1408, max_seq_len=512)),
+}
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor = None  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (None without labels)
+    ce_loss: torch.Tensor = None  # next-token cross-entropy on the supervised positions
+    aux_loss: torch.Tensor = None  # sum over MoE layers of the balancing loss (0 for a dense model)
+    z_loss: torch.Tensor = None  # sum over MoE layers of the router z-loss
+    routing: list = field(default_factory=list)  # RoutingStats per MoE layer
+
+
+class VLM(nn.Module):
+    """LLaVA-style vision-language model: ViT -> projector -> LLM, with image features spliced into the text."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.vision = ViT(config.vision)
+        self.projector = build_projector(config.projector, config.vision.width, config.llm.dim)
+        self.llm = LLM(config.llm)
+
+    @property
+    def num_image_tokens(self):
+        return self.config.vision.num_patches
+
+    def embed(self, input_ids, images=None):
+        """Token embeddings with the projected image patches written over the IMAGE_TOKEN_INDEX positions.
+
+        input_ids (B, T) hold num_image_tokens consecutive IMAGE_TOKEN_INDEX ids per image; images (n, 3, H, W)
+        are the batch's images in the order they appear. Returns embeddings (B, T, C) and the image mask (B, T).
+        """
+        image_mask = input_ids == IMAGE_TOKEN_INDEX
+        embeds = self.llm.tok_emb(input_ids.masked_fill(image_mask, 0))  # (B, T, C); image rows overwritten below
+        n_images = 0 if images is None else images.shape[0]
+        if int(image_mask.sum()) != n_images * self.num_image_tokens:
+            raise ValueError(f"the batch has {int(image_mask.sum())} image positions but {n_images} images x "
+                             f"{self.num_image_tokens} patches: each image needs exactly that many placeholder ids")
+        if n_images:
+            features = self.projector(self.vision(images))  # (n, P, C)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds, image_mask
+
+    def forward(self, input_ids, images=None, labels=None, attention_mask=None):
+        embeds, image_mask = self.embed(input_ids, images)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, image_mask=image_mask)
+        result = VLMOutput(logits=out.logits, routing=out.routing)
+        if labels is not None:
+            moe = self.llm.config.moe
+            labels = labels.masked_fill(image_mask, IGNORE_INDEX)  # image positions are never supervised
+            result.ce_loss = lm_loss(out.logits, labels)
+            result.aux_loss = sum((s.balance_loss for s in out.routing), torch.zeros((), device=embeds.device))
+            result.z_loss = sum((s.z_loss for s in out.routing), torch.zeros((), device=embeds.device))
+            result.loss = result.ce_loss + moe.aux_loss_coef * result.aux_loss + moe.z_loss_coef * result.z_loss
+        return result
+
+    def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig):
+        """Stage III: upcycle the LLM's chosen FFNs into MoE layers (see LLM.upcycle_to_moe)."""
+        self.llm.upcycle_to_moe(moe_layers, moe_config)
+        self.config = replace(self.config, llm=self.llm.config)
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, attention_mask=None, **kwargs):
+        """Answer a batch of (left-padded) prompts with images; kwargs as LLM.generate."""
+        embeds, _ = self.embed(input_ids, images)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)

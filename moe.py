@@ -1,0 +1,403 @@
+"""
+moe.py -- Mixture-of-Experts: router, balancing losses, experts, capacity, dispatch and sparse upcycling.
+
+An MoE layer replaces one dense feed-forward network (FFN) by E expert FFNs and a router. The router scores
+every token against every expert; the token goes to its k best experts, and the layer's output is the
+gate-weighted sum of what those k experts compute. Parameters grow E-fold, compute per token only k-fold.
+
+Read it top to bottom:
+  1. MoEConfig                       every knob, with MoE-LLaVA's values as defaults
+  2. routing                         router_logits -> top_k_routing -> expert_capacity / keep_within_capacity
+                                     -> gate_weights
+  3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), router_z_loss (ST-MoE)
+  4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP);
+                                     each computes one expert (readable) or all experts at once (grouped)
+  5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul)
+  6. MoELayer                        the pieces joined, returning (output, RoutingStats)
+  7. upcycling                       MoELayer.upcycle: every expert a copy of a trained dense FFN
+
+Sources: MoE-LLaVA (arXiv 2401.15947) and DeepSpeed's `top2gating`; Switch Transformer (arXiv 2101.03961);
+ST-MoE (arXiv 2202.08906) for the z-loss; MegaBlocks (arXiv 2211.15841) for sort + grouped GEMM; sparse
+upcycling (arXiv 2212.05055). The facts we rely on are summarised in ../shared/REFERENCE.md.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DISPATCH_MODES = ("loop", "sorted")  # the kernels/ extension will add "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 4  # E; MoE-LLaVA uses 4
+    top_k: int = 2  # k experts per token; MoE-LLaVA uses top-2
+    capacity_factor: float = 1.5  # slots per expert in training, as a multiple of a fair share (MoE-LLaVA 1.5)
+    eval_capacity_factor: float = 2.0  # the same at evaluation (MoE-LLaVA 2.0)
+    min_capacity: int = 4  # floor on the slots per expert (DeepSpeed's default)
+    drop_tokens: bool = True  # False = dropless: every token reaches all k of its experts (MegaBlocks)
+    renormalize: bool = True  # the k chosen gates are rescaled to sum to 1 (MoE-LLaVA, CuMo)
+    router_noise: float = 0.0  # std of Gaussian noise on the router logits when *choosing* experts, training only
+    aux_loss_coef: float = 0.01  # weight of the balancing loss, summed over MoE layers (MoE-LLaVA)
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 1e-3; MoE-LLaVA uses none)
+    dispatch: str = "sorted"  # "loop": the readable per-expert reference; "sorted": sort + grouped matmul
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"MoEConfig: top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"MoEConfig: dispatch={self.dispatch!r} is not one of {DISPATCH_MODES}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError("MoEConfig: capacity factors must be > 0 (set drop_tokens=False for a dropless MoE)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Routing: which k experts each token goes to, and with what weight
+
+
+def router_logits(x, router_weight):
+    """Score every token against every expert: (N, H) @ (E, H)^T -> (N, E), always in fp32.
+
+    The router is kept in fp32 even under bf16 autocast: a softmax over a handful of experts is sensitive to
+    rounding, and bf16 router logits make the expert choice noisy (Switch Transformer §2.4; MoE-LLaVA/DeepSpeed
+    run their gate in fp32 too).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), router_weight.float())
+
+
+def top_k_routing(logits, k, noise_std=0.0):
+    """softmax over experts, then each token's k most probable experts.
+
+    Returns probs (N, E), expert_index (N, k) with column 0 the first choice, and expert_prob (N, k), the
+    softmax probability of each chosen expert. With noise_std > 0, Gaussian noise is added to the logits for
+    the *choice* only (exploration, in the spirit of Shazeer et al. 2017's noisy top-k); the probabilities, and so
+    the gates and the gradients, stay noise-free. The caller passes noise_std=0 at evaluation, so evaluation
+    routing is deterministic (DeepSpeed adds Gumbel noise even at eval; we do not).
+    """
+    probs = logits.softmax(dim=-1)
+    scores = logits if noise_std == 0 else logits + noise_std * torch.randn_like(logits)
+    expert_index = scores.topk(k, dim=-1).indices  # sorted: column 0 is the top-1 choice
+    expert_prob = probs.gather(-1, expert_index)
+    return probs, expert_index, expert_prob
+
+
+def expert_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity):
+    """Slots per expert: C = ceil(k * cf * S / E), at least min_capacity (DeepSpeed top2gating, top-1 has k=1).
+
+    k*S/E is an expert's fair share of the k*S assignments; cf > 1 leaves room for imbalance. Note that with
+    MoE-LLaVA's eval setting (E=4, k=2, cf=2.0) C >= S: every expert could take every token, so nothing is
+    ever dropped at evaluation.
+    """
+    return max(math.ceil(k * capacity_factor * num_tokens / num_experts), min_capacity)
+
+
+def keep_within_capacity(expert_index, num_experts, capacity):
+    """Which assignments get one of their expert's `capacity` slots: a (N, k) bool mask.
+
+    Slots are filled in token order, all top-1 choices before any top-2 choice (DeepSpeed top2gating adds the
+    top-1 counts to the top-2 positions), so a token loses its second choice before another token loses its
+    first. Assignments past the capacity are dropped.
+    """
+    n, k = expert_index.shape
+    # Lay the assignments out slot-major: all top-1 choices (in token order), then all top-2 choices, ...
+    one_hot = F.one_hot(expert_index.t().reshape(-1), num_experts)  # (k*N, E)
+    # An assignment's place in its expert's queue = how many earlier assignments chose the same expert.
+    position = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)  # (k*N,)
+    return (position < capacity).view(k, n).t()
+
+
+def gate_weights(expert_prob, keep, renormalize):
+    """The weight of each (token, choice) in the output: its probability, 0 if dropped, optionally rescaled.
+
+    With renormalize the kept gates of a token sum to 1 (MoE-LLaVA/DeepSpeed renormalise after dropping), which
+    is what makes an upcycled MoE compute exactly its dense FFN. A token with every choice dropped gets all-zero
+    gates: its FFN output is 0 and the residual stream carries it. With k=1 renormalising makes every gate 1,
+    so the router then learns from the balancing loss alone; Switch Transformer keeps the raw probability.
+    """
+    weights = expert_prob * keep
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Auxiliary losses
+
+
+def load_balancing_loss(probs, top1_index, num_experts):
+    """l_aux = E * sum_e me_e * ce_e   (MoE-LLaVA's balancing loss, DeepSpeed's l_aux; Switch Transformer eq. 4).
+
+    me_e = mean over tokens of the router probability of expert e (differentiable),
+    ce_e = fraction of tokens whose first choice is e, counted before dropping (a constant).
+    Uniform routing gives 1.0; all tokens on one expert with probability 1 gives E. Minimising it pushes
+    probability away from the experts that already get the most tokens.
+    """
+    if probs.shape[0] == 0:  # a batch of padding only
+        return probs.sum()
+    me = probs.mean(dim=0)
+    ce = torch.bincount(top1_index, minlength=num_experts).to(probs.dtype) / probs.shape[0]
+    return num_experts * (me * ce).sum()
+
+
+def router_z_loss(logits):
+    """Router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The experts: E FFNs of one form, stored as stacked weights
+#
+# Every matrix is one Parameter of shape (E, out, in), Linear-style. So all experts can run as one grouped
+# operation, and every expert parameter takes part in every step (an expert that got no tokens gets a zero
+# gradient rather than none, which DistributedDataParallel needs). The expert's *form* is the only thing that
+# differs between SwiGLU experts (the LLM), GELU-MLP experts (CuMo's ViT and projector) and, later, LoRA experts
+# on a frozen FFN (LLaVA-MoLE): each form is one small class with
+#   forward_one(e, x)                         expert e on its rows -- the readable form
+#   forward_grouped(x, group_sizes, ...)      every expert on its contiguous block of expert-sorted rows
+#   upcycle(dense, num_experts)               E copies of a trained dense FFN of the same form
+# Routing, losses, capacity and dispatch are written once, in MoELayer.
+
+
+def grouped_linear(x, weight, group_sizes, use_grouped_mm=False):
+    """A Linear per expert over expert-sorted rows: rows of group e are multiplied by weight[e]^T.
+
+    x: (M, in) with the rows of expert 0 first, then expert 1, ...; weight: (E, out, in); group_sizes: (E,).
+    The plain form is a loop over contiguous slices. On CUDA with bf16, torch.nn.functional.grouped_mm does all
+    groups in one kernel (PyTorch >= 2.10; it wants int32 cumulative end offsets and 16-byte-aligned strides).
+    """
+    if use_grouped_mm:
+        offsets = group_sizes.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    slices = x.split(group_sizes.tolist())  # .tolist() waits for the device; the kernels/ path avoids it
+    return torch.cat([F.linear(x_e, w_e) for x_e, w_e in zip(slices, weight)])
+
+
+def grouped_mm_serves(x, *weights):
+    """Whether F.grouped_mm's fused kernel applies: CUDA, bf16, every row a multiple of 16 bytes."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    )
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU FFNs, the expert form of model.py's MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020; LLaMA)."""
+
+    def __init__(self, num_experts, dim, hidden_dim):
+        super().__init__()
+        self.num_experts, self.in_dim, self.out_dim = num_experts, dim, dim
+        self.gate_proj = nn.Parameter(torch.randn(num_experts, hidden_dim, dim) * 0.02)  # (E, F, H)
+        self.up_proj = nn.Parameter(torch.randn(num_experts, hidden_dim, dim) * 0.02)  # (E, F, H)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, dim, hidden_dim) * 0.02)  # (E, H, F)
+
+    def forward_one(self, e, x):
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def forward_grouped(self, x, group_sizes, use_grouped_mm=False):
+        gate = grouped_linear(x, self.gate_proj, group_sizes, use_grouped_mm)
+        up = grouped_linear(x, self.up_proj, group_sizes, use_grouped_mm)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, group_sizes, use_grouped_mm)
+
+    def weights(self):
+        return self.gate_proj, self.up_proj, self.down_proj
+
+    @classmethod
+    def upcycle(cls, mlp, num_experts):
+        """E copies of a dense SwiGLU MLP with nn.Linear `gate_proj`, `up_proj`, `down_proj` (model.MLP)."""
+        hidden_dim, dim = mlp.gate_proj.weight.shape
+        experts = cls(num_experts, dim, hidden_dim).to(mlp.gate_proj.weight)
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(experts, name).copy_(getattr(mlp, name).weight.expand(num_experts, -1, -1))
+        return experts
+
+
+class GELUExperts(nn.Module):
+    """E two-layer GELU MLPs with biases, the expert form of vision.py's MLP: fc2(gelu(fc1(x))).
+
+    This is the form CuMo upcycles in the CLIP encoder and the mlp2x_gelu projector.
+    """
+
+    def __init__(self, num_experts, in_dim, hidden_dim, out_dim):
+        super().__init__()
+        self.num_experts, self.in_dim, self.out_dim = num_experts, in_dim, out_dim
+        self.fc1_weight = nn.Parameter(torch.randn(num_experts, hidden_dim, in_dim) * 0.02)  # (E, F, in)
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))  # (E, F)
+        self.fc2_weight = nn.Parameter(torch.randn(num_experts, out_dim, hidden_dim) * 0.02)  # (E, out, F)
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, out_dim))  # (E, out)
+
+    def forward_one(self, e, x):
+        return F.linear(F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e])), self.fc2_weight[e], self.fc2_bias[e])
+
+    def forward_grouped(self, x, group_sizes, use_grouped_mm=False):
+        # Each row's expert, to pick its bias: (M,) = [0]*size_0 + [1]*size_1 + ...
+        row_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), group_sizes,
+                                             output_size=x.shape[0])
+        h = grouped_linear(x, self.fc1_weight, group_sizes, use_grouped_mm) + self.fc1_bias[row_expert]
+        return grouped_linear(F.gelu(h), self.fc2_weight, group_sizes, use_grouped_mm) + self.fc2_bias[row_expert]
+
+    def weights(self):
+        return self.fc1_weight, self.fc2_weight
+
+    @classmethod
+    def upcycle(cls, mlp, num_experts):
+        """E copies of a dense GELU MLP with nn.Linear `fc1`, `fc2` (vision.MLP)."""
+        hidden_dim, in_dim = mlp.fc1.weight.shape
+        out_dim = mlp.fc2.weight.shape[0]
+        experts = cls(num_experts, in_dim, hidden_dim, out_dim).to(mlp.fc1.weight)
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                linear = getattr(mlp, name)
+                getattr(experts, f"{name}_weight").copy_(linear.weight.expand(num_experts, -1, -1))
+                getattr(experts, f"{name}_bias").copy_(linear.bias.expand(num_experts, -1))
+        return experts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Dispatch: run each token through its chosen experts and combine. Two paths, one interface:
+#    (x (N, in), experts, expert_index (N, k), weights (N, k), keep (N, k)) -> (N, out)
+
+
+def dispatch_loop(x, experts, expert_index, weights, keep):
+    """The reference: for each expert, gather its tokens, run it, add its weighted output back.
+
+    This is how Hugging Face's Mixtral reads. About a dozen small kernels and a host sync per expert, so it is
+    slow for many experts; it stays here as the specification dispatch_sorted must match.
+    """
+    out = torch.zeros(x.shape[0], experts.out_dim, device=x.device, dtype=weights.dtype)
+    for e in range(experts.num_experts):  # every expert, even one with no tokens: its parameters stay in the graph
+        token, slot = torch.where((expert_index == e) & keep)
+        y = experts.forward_one(e, x[token])  # (n_e, out)
+        out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1))
+    return out
+
+
+def dispatch_sorted(x, experts, expert_index, weights, keep, use_grouped_mm=False):
+    """Sort -> grouped matmul -> combine (MegaBlocks, ScatterMoE, TransformerEngine).
+
+    1. Sort the N*k assignments by expert (stable, so each expert sees its tokens in token order); dropped
+       assignments get the pseudo-expert E and sort to the end, where they are cut off.
+    2. Permute: gather each kept assignment's token row into expert-contiguous order.
+    3. Run every expert on its contiguous block in one grouped operation.
+    4. Combine: put each output row back at its (token, slot) place and take each token's gate-weighted sum
+       over its k slots -- a per-token gather-sum, no atomics, so the result is deterministic.
+    """
+    n, k = expert_index.shape
+    num_experts = experts.num_experts
+    flat_expert = expert_index.masked_fill(~keep, num_experts).reshape(-1)  # (N*k,), assignment a = token*k + slot
+    order = flat_expert.argsort(stable=True)
+    group_sizes = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
+    order = order[: int(group_sizes.sum())]  # the kept assignments, grouped by expert
+
+    x_sorted = x[order // k]  # (M, in)
+    y_sorted = experts.forward_grouped(x_sorted, group_sizes, use_grouped_mm)  # (M, out)
+
+    y = y_sorted.new_zeros(n * k, experts.out_dim).index_copy(0, order, y_sorted)  # dropped slots stay 0
+    return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # (N, out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. The MoE layer
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE layer did in its last forward: returned by forward, not kept on the module."""
+
+    balance_loss: torch.Tensor  # scalar, differentiable (load_balancing_loss)
+    z_loss: torch.Tensor  # scalar, differentiable (router_z_loss)
+    expert_counts: torch.Tensor  # (2, E) top-k assignments per expert, before dropping; row 0 text, row 1 image
+    top1_counts: torch.Tensor  # (2, E) first choices per expert; row 0 text, row 1 image
+    dropped: torch.Tensor  # scalar: assignments dropped for lack of capacity
+    expert_index: torch.Tensor  # (..., k) the chosen experts at every position, -1 at padding (for pathway plots)
+
+
+class MoELayer(nn.Module):
+    """A top-k routed Mixture-of-Experts FFN: a fresh fp32 router and E experts of one form.
+
+    forward(x (..., in), token_mask=None, image_mask=None) -> (y (..., out), RoutingStats)
+      token_mask: True at real tokens. Padding is never routed: it takes no slot, enters neither the balancing
+                  loss nor the counts, and its output is 0. (DeepSpeed routes padding; MoE-LLaVA inherits that.)
+      image_mask: True at image tokens; only used to split the counts into text and image.
+    """
+
+    def __init__(self, config: MoEConfig, experts: nn.Module):
+        super().__init__()
+        if experts.num_experts != config.num_experts:
+            raise ValueError(f"MoELayer: {experts.num_experts} experts given, config says {config.num_experts}")
+        self.config = config
+        self.experts = experts
+        self.router = nn.Linear(experts.in_dim, config.num_experts, bias=False)  # bias-free, as MoE-LLaVA/CuMo
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.router.to(device=next(experts.parameters()).device)
+
+    def forward(self, x, token_mask=None, image_mask=None):
+        cfg = self.config
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, x.shape[-1])
+        real = torch.ones(x_flat.shape[0], dtype=torch.bool, device=x.device) if token_mask is None \
+            else token_mask.reshape(-1)
+        is_image = torch.zeros_like(real) if image_mask is None else image_mask.reshape(-1)
+        tokens = x_flat[real]  # (N, in): only real tokens are routed
+
+        logits = router_logits(tokens, self.router.weight)  # (N, E) fp32
+        probs, expert_index, expert_prob = top_k_routing(
+            logits, cfg.top_k, noise_std=cfg.router_noise if self.training else 0.0)
+        if cfg.drop_tokens:
+            cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+            capacity = expert_capacity(tokens.shape[0], cfg.num_experts, cfg.top_k, cf, cfg.min_capacity)
+            keep = keep_within_capacity(expert_index, cfg.num_experts, capacity)
+        else:
+            keep = torch.ones_like(expert_index, dtype=torch.bool)
+        weights = gate_weights(expert_prob, keep, cfg.renormalize)  # (N, k) fp32
+
+        if cfg.dispatch == "loop":
+            y_tokens = dispatch_loop(tokens, self.experts, expert_index, weights, keep)
+        else:
+            use_grouped_mm = grouped_mm_serves(tokens, *self.experts.weights())
+            y_tokens = dispatch_sorted(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
+
+        y = x_flat.new_zeros(x_flat.shape[0], self.experts.out_dim)
+        y[real] = y_tokens.to(y.dtype)  # padding positions stay 0
+
+        token_image = is_image[real]
+        stats = RoutingStats(
+            balance_loss=load_balancing_loss(probs, expert_index[:, 0], cfg.num_experts),
+            z_loss=router_z_loss(logits),
+            expert_counts=self._count_by_modality(expert_index, token_image),
+            top1_counts=self._count_by_modality(expert_index[:, :1], token_image),
+            dropped=(~keep).sum(),
+            expert_index=expert_index.new_full((x_flat.shape[0], cfg.top_k), -1).index_put((real,), expert_index)
+            .view(*lead_shape, cfg.top_k),
+        )
+        return y.view(*lead_shape, -1), stats
+
+    def _count_by_modality(self, expert_index, token_image):
+        """(2, E): how many of the given assignments each expert got from text tokens (row 0) and image (row 1)."""
+        e = self.config.num_experts
+        return torch.stack([torch.bincount(expert_index[~token_image].reshape(-1), minlength=e),
+                            torch.bincount(expert_index[token_image].reshape(-1), minlength=e)])
+
+    # ------------------------------------------------------------------------------------------------------
+    # 7. Sparse upcycling
+
+    @classmethod
+    def upcycle(cls, dense_ffn, config: MoEConfig, expert_form=SwiGLUExperts):
+        """Build an MoE layer from a trained dense FFN: every expert an exact copy, a fresh router.
+
+        Sparse upcycling (Komatsuzaki et al. 2022), MoE-LLaVA stage III. With renormalised gates and nothing
+        dropped, each token's output is sum_i w_i * FFN(x) with sum_i w_i = 1, i.e. exactly the dense FFN's:
+        training starts from the dense model, and only the router and the experts' divergence are new.
+        """
+        return cls(config, expert_form.upcycle(dense_ffn, config.num_experts))

@@ -1,0 +1,276 @@
+"""The specification of model.py: the LLM (causality, rotary, KV cache, MoE placement) and the VLM."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLM, PRESETS, VLM, LLMConfig, VLMConfig, apply_rotary,
+                   moe_layer_indices, param_counts, rotary_tables)
+from moe import MoEConfig, MoELayer
+from vision import ViTConfig
+
+VOCAB = 97
+
+
+def llm(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = LLMConfig(vocab_size=VOCAB, dim=32, n_layer=4, n_head=4, ffn_dim=64, max_seq_len=64, **overrides)
+    return LLM(cfg).eval()
+
+
+def vlm(seed=0, moe_layers="", **moe):
+    torch.manual_seed(seed)
+    cfg = VLMConfig(vision=ViTConfig(image_size=16, patch_size=8, width=16, layers=2, heads=2),
+                    llm=LLMConfig(vocab_size=VOCAB, dim=32, n_layer=4, n_head=4, ffn_dim=64, max_seq_len=64,
+                                  moe_layers=moe_layers, moe=MoEConfig(**moe)))
+    return VLM(cfg)
+
+
+def vlm_batch(n_text=(6, 9), seed=1):
+    """Two samples: a few prompt tokens, 4 image placeholders (16 px / 8 px patches), then answer tokens."""
+    torch.manual_seed(seed)
+    rows, labels = [], []
+    for n in n_text:
+        prompt, answer = torch.randint(0, VOCAB, (3,)), torch.randint(0, VOCAB, (n,))
+        ids = torch.cat([prompt[:1], torch.full((4,), IMAGE_TOKEN_INDEX), prompt[1:], answer])
+        rows.append(ids)
+        labels.append(torch.cat([torch.full((7,), IGNORE_INDEX), answer]))
+    T = max(len(r) for r in rows)
+    input_ids = torch.stack([torch.cat([r, torch.zeros(T - len(r), dtype=torch.long)]) for r in rows])
+    label_ids = torch.stack([torch.cat([r, torch.full((T - len(r),), IGNORE_INDEX)]) for r in labels])
+    mask = torch.stack([torch.arange(T) < len(r) for r in rows])
+    return input_ids, torch.randn(2, 3, 16, 16), label_ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLM
+
+
+def test_moe_placement_modes_follow_moe_llava():
+    assert moe_layer_indices("sparse", 6) == [0, 2, 4]
+    assert moe_layer_indices("dense", 3) == [0, 1, 2]
+    assert moe_layer_indices("first_half", 6) == [0, 1, 2]
+    assert moe_layer_indices("second_half", 6) == [3, 4, 5]
+    assert moe_layer_indices("1,3", 6) == [1, 3]
+    assert moe_layer_indices("", 6) == []
+    with pytest.raises(ValueError, match="moe_layers"):
+        moe_layer_indices("every_third", 6)
+    with pytest.raises(ValueError, match="0..5"):
+        moe_layer_indices("2,6", 6)
+
+
+def test_blocks_get_moe_ffns_where_placed():
+    model = llm(moe_layers="sparse")
+    assert [b.is_moe for b in model.blocks] == [True, False, True, False]
+
+
+def test_attention_is_causal():
+    model = llm(moe_layers="sparse", moe=MoEConfig(drop_tokens=False))
+    ids = torch.randint(0, VOCAB, (2, 20))
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % VOCAB  # change the future
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12])  # the past does not see it
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos, sin = rotary_tables(32, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(i, j):
+        rq = apply_rotary(q.view(1, 1, 1, 8), cos[i].view(1, 1, 1, 4), sin[i].view(1, 1, 1, 4))
+        rk = apply_rotary(k.view(1, 1, 1, 8), cos[j].view(1, 1, 1, 4), sin[j].view(1, 1, 1, 4))
+        return (rq * rk).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+@pytest.mark.parametrize("moe_layers", ["", "sparse"])
+def test_kv_cache_generation_equals_no_cache_generation(moe_layers):
+    model = llm(moe_layers=moe_layers)
+    prompt = torch.randint(0, VOCAB, (3, 7))
+    greedy = model.generate(prompt, max_new_tokens=12)
+    assert greedy.shape == (3, 12)
+    assert torch.equal(greedy, model.generate(prompt, max_new_tokens=12, use_cache=False))
+    sampled = [model.generate(prompt, max_new_tokens=12, temperature=1.0, top_k=5, use_cache=use_cache,
+                              generator=torch.Generator().manual_seed(0)) for use_cache in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_cached_logits_equal_full_forward_logits():
+    model = llm(moe_layers="dense")
+    ids = torch.randint(0, VOCAB, (2, 15))
+    full = model(ids).logits
+    cache = model.new_cache(2, 15)
+    parts = [model(ids[:, :9], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 15)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = llm(moe_layers="sparse")
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (4, 9)]
+    alone = [model.generate(p[None], max_new_tokens=8) for p in prompts]
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        batch[i, 9 - len(p):], mask[i, 9 - len(p):] = p, True
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_generation_stops_after_eos():
+    model = llm()
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    first = model.generate(prompt, max_new_tokens=1)[0, 0].item()
+    out = model.generate(prompt, max_new_tokens=10, eos_id=first)
+    assert out.tolist() == [[first]]
+
+
+def test_sequence_longer_than_max_seq_len_is_rejected():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        llm()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_upcycled_llm_computes_what_the_dense_llm_computed():
+    model = llm()
+    ids = torch.randint(0, VOCAB, (2, 20))
+    before = model(ids).logits
+    model.upcycle_to_moe("sparse", MoEConfig(drop_tokens=False))
+    assert [b.is_moe for b in model.blocks] == [True, False, True, False]
+    after = model(ids)
+    torch.testing.assert_close(after.logits, before, atol=1e-5, rtol=1e-5)
+    assert len(after.routing) == 2
+    assert model.config.moe_layers == "sparse"
+    assert LLMConfig().moe_layers == ""  # the shared default config is untouched
+
+
+def test_param_counts_count_only_k_of_e_experts_as_active():
+    dense = param_counts(llm())
+    model = llm()
+    model.upcycle_to_moe("sparse", MoEConfig(num_experts=4, top_k=2))
+    counts = param_counts(model)
+    expert = 3 * 32 * 64  # one SwiGLU FFN: gate, up, down
+    router = 4 * 32
+    assert counts["total"] == dense["total"] + 2 * (3 * expert + router)  # 2 layers gain 3 experts and a router
+    assert counts["active"] == dense["total"] + 2 * (expert + router)  # ... of which 1 extra expert is active
+    model.tok_emb.weight.requires_grad_(False)
+    assert param_counts(model)["trainable"] == counts["total"] - VOCAB * 32
+
+
+def test_init_scales_residual_projections_down():
+    model = llm()
+    std = model.blocks[0].attn.o_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / (2 * 4) ** 0.5, rel=0.15)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert torch.all(model.norm.weight == 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VLM
+
+
+def test_image_features_replace_the_placeholder_positions():
+    model = vlm()
+    input_ids, images, _, _ = vlm_batch()
+    embeds, image_mask = model.embed(input_ids, images)
+    features = model.projector(model.vision(images))  # (2, 4, 32)
+    torch.testing.assert_close(embeds[image_mask].view(2, 4, -1), features)
+    text = ~image_mask
+    torch.testing.assert_close(embeds[text], model.llm.tok_emb(input_ids[text]))
+    assert image_mask[:, 1:5].all() and image_mask.sum() == 8
+
+
+def test_image_count_must_match_placeholders():
+    model = vlm()
+    input_ids, images, _, _ = vlm_batch()
+    with pytest.raises(ValueError, match="image positions"):
+        model(input_ids, images[:1])
+    with pytest.raises(ValueError, match="image positions"):
+        model(input_ids, None)
+
+
+def test_loss_is_cross_entropy_plus_weighted_moe_losses():
+    model = vlm(moe_layers="sparse", z_loss_coef=0.001)
+    out = model(*vlm_batch())
+    assert len(out.routing) == 2
+    torch.testing.assert_close(out.aux_loss, out.routing[0].balance_loss + out.routing[1].balance_loss)
+    torch.testing.assert_close(out.loss, out.ce_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss)
+    assert out.aux_loss > 0 and out.z_loss > 0
+
+
+def test_dense_vlm_has_no_moe_terms_and_loss_equals_ce():
+    out = vlm()(*vlm_batch())
+    assert out.routing == [] and out.aux_loss.item() == 0
+    torch.testing.assert_close(out.loss, out.ce_loss)
+
+
+def test_image_and_prompt_positions_are_not_supervised():
+    model = vlm()
+    input_ids, images, labels, mask = vlm_batch()
+    base = model(input_ids, images, labels, mask).ce_loss
+    # labels put on image positions are ignored by the model
+    labelled_images = labels.clone()
+    labelled_images[input_ids == IMAGE_TOKEN_INDEX] = 3
+    torch.testing.assert_close(model(input_ids, images, labelled_images, mask).ce_loss, base)
+    # the loss equals the mean token cross-entropy over the answer positions only
+    logits = model(input_ids, images, labels, mask).logits
+    targets = labels[:, 1:]
+    picked = targets != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1][picked], targets[picked])
+    torch.testing.assert_close(base, manual)
+
+
+def test_gradients_reach_vision_projector_llm_and_router():
+    model = vlm(moe_layers="sparse")
+    model(*vlm_batch()).loss.backward()
+    for name in ("vision.patch_embed.weight", "projector.fc1.weight", "llm.tok_emb.weight",
+                 "llm.blocks.0.ffn.router.weight", "llm.blocks.0.ffn.experts.gate_proj"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_padding_changes_neither_the_loss_nor_the_counts():
+    model = vlm(moe_layers="sparse", capacity_factor=1.0)  # tight capacity: padding taking slots would show
+    input_ids, images, labels, mask = vlm_batch()
+    more_pad = 5
+    ids_p = torch.cat([input_ids, torch.randint(0, VOCAB, (2, more_pad))], dim=1)
+    labels_p = torch.cat([labels, torch.full((2, more_pad), IGNORE_INDEX)], dim=1)
+    mask_p = torch.cat([mask, torch.zeros(2, more_pad, dtype=torch.bool)], dim=1)
+    a = model(input_ids, images, labels, mask)
+    b = model(ids_p, images, labels_p, mask_p)
+    torch.testing.assert_close(b.ce_loss, a.ce_loss)
+    torch.testing.assert_close(b.aux_loss, a.aux_loss)
+    torch.testing.assert_close(b.loss, a.loss)
+    for sa, sb in zip(a.routing, b.routing):
+        assert torch.equal(sa.expert_counts, sb.expert_counts)
+        assert torch.equal(sa.dropped, sb.dropped)
+    image_tokens = sum(s.expert_counts[1].sum() for s in a.routing)
+    assert image_tokens == 2 * 8 * 2  # 2 layers x 8 image tokens x k=2
+
+
+def test_upcycled_vlm_keeps_the_stage_two_loss():
+    model = vlm().eval()
+    batch = vlm_batch()
+    dense = model(*batch)
+    model.upcycle_to_moe("sparse", MoEConfig())  # eval capacity 2.0 with E=4, k=2: nothing can drop
+    moe = model(*batch)
+    torch.testing.assert_close(moe.ce_loss, dense.ce_loss, atol=1e-5, rtol=1e-5)
+    assert moe.loss > moe.ce_loss  # plus 0.01 x the balancing losses
+    assert model.config.llm.moe_layers == "sparse"
+
+
+def test_vlm_generation_with_cache_equals_without():
+    model = vlm(moe_layers="sparse").eval()
+    input_ids, images, _, _ = vlm_batch(n_text=(2, 2))
+    a = model.generate(input_ids, images, max_new_tokens=6)
+    b = model.generate(input_ids, images, max_new_tokens=6, use_cache=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_presets_build(name):
+    cfg = PRESETS[name]
+    model = VLM(replace(cfg, llm=replace(cfg.llm, vocab_size=VOCAB)))
+    assert model.num_image_tokens == cfg.vision.num_patches
+    assert cfg.vision.num_patches < cfg.llm.max_seq_len

@@ -1,0 +1,91 @@
+"""The specification of vision.py: the ViT's patch features, layer selection, and the projectors."""
+import pytest
+import torch
+
+from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
+
+CFG = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=4)
+
+
+def vit(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(**{**CFG.__dict__, **overrides})).eval()
+
+
+def test_vit_returns_one_feature_per_patch_without_class_token():
+    model = vit()
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, (32 // 8) ** 2, 32)
+    assert model.config.num_patches == 16
+
+
+def test_default_features_come_from_the_second_to_last_layer():
+    model = vit()
+    pixels = torch.randn(2, 3, 32, 32)
+    # run every block by hand and keep each hidden state (0 = embeddings after the pre-norm)
+    x = model.patch_embed(pixels).flatten(2).transpose(1, 2)
+    x = model.norm_pre(torch.cat([model.cls_token.expand(2, -1, -1), x], dim=1) + model.pos_embed)
+    hidden = [x]
+    for block in model.blocks:
+        hidden.append(block(hidden[-1]))
+    torch.testing.assert_close(model(pixels), hidden[-2][:, 1:])
+    torch.testing.assert_close(model(pixels, select_layer=-1), hidden[-1][:, 1:])
+    torch.testing.assert_close(model(pixels, select_layer=1), hidden[1][:, 1:])
+    torch.testing.assert_close(model.embed(pixels), model.norm(hidden[-1][:, 0]))
+
+
+def test_patches_are_in_raster_order_and_local():
+    # changing one pixel changes the patch embedding of the patch that holds it, and no other
+    model = vit()
+    pixels = torch.randn(1, 3, 32, 32)
+    changed = pixels.clone()
+    changed[0, :, 9, 20] += 1.0  # row 9 -> patch row 1; column 20 -> patch column 2; raster index 1*4 + 2 = 6
+    a = model.patch_embed(pixels).flatten(2).transpose(1, 2)
+    b = model.patch_embed(changed).flatten(2).transpose(1, 2)
+    differs = (a - b).abs().sum(-1)[0] > 0
+    assert differs.nonzero().flatten().tolist() == [6]
+
+
+def test_attention_mixes_all_patches():
+    model = vit(select_layer=-1)
+    pixels = torch.randn(1, 3, 32, 32)
+    changed = pixels.clone()
+    changed[0, :, :8, :8] += 1.0  # only patch 0 changes
+    diff = (model(pixels) - model(changed)).abs().sum(-1)[0]
+    assert (diff > 0).all()  # every patch's feature sees it
+
+
+def test_vit_rejects_images_of_the_wrong_size():
+    with pytest.raises(ValueError, match="expects images of shape"):
+        vit()(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
+def test_projector_maps_vision_features_to_llm_width(kind):
+    projector = build_projector(kind, vision_dim=32, llm_dim=48)
+    assert projector(torch.randn(2, 16, 32)).shape == (2, 16, 48)
+
+
+def test_mlp2x_gelu_is_linear_gelu_linear():
+    torch.manual_seed(0)
+    projector = build_projector("mlp2x_gelu", 8, 12)
+    x = torch.randn(5, 8)
+    expected = projector.fc2(torch.nn.functional.gelu(projector.fc1(x)))
+    torch.testing.assert_close(projector(x), expected)
+    assert projector.fc1.weight.shape == (12, 8) and projector.fc2.weight.shape == (12, 12)
+
+
+def test_unknown_projector_and_bad_config_are_rejected():
+    with pytest.raises(ValueError, match="unknown projector"):
+        build_projector("mlp3x_relu", 8, 8)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ViTConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="select_layer"):
+        ViTConfig(layers=2, select_layer=-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_presets_build_and_run(name):
+    cfg = VIT_PRESETS[name]
+    model = ViT(cfg)
+    assert model(torch.randn(1, 3, cfg.image_size, cfg.image_size)).shape == (1, cfg.num_patches, cfg.width)

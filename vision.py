@@ -1,0 +1,161 @@
+"""
+vision.py -- pixels to tokens: a CLIP-style Vision Transformer and the projector into the LLM's space.
+
+The ViT cuts an image into patches, embeds each as a vector, prepends a class token, adds learned position
+embeddings and runs pre-norm transformer blocks over the sequence (ViT, arXiv 2010.11929; CLIP, arXiv
+2103.00020). Like LLaVA, the vision-language model does not take the ViT's final output but the patch features
+of an earlier layer -- the second-to-last by default -- with the class token dropped: the last layer is shaped
+by CLIP's contrastive objective, the one before it keeps more local detail (LLaVA-1.5, arXiv 2310.03744).
+
+The projector maps those features into the LLM's embedding space: `linear` (LLaVA) or `mlp2x_gelu`
+(Linear -> GELU -> Linear; LLaVA-1.5 and MoE-LLaVA).
+
+Classes bottom-up: ViTConfig, Attention, MLP, Block, ViT; then build_projector.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 64  # input images are image_size x image_size RGB
+    patch_size: int = 8  # (image_size / patch_size)^2 patch tokens
+    width: int = 128  # hidden size
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
+    select_layer: int = -2  # which hidden state the VLM takes (LLaVA: -2, the second-to-last layer's output)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"ViTConfig: width={self.width} is not a multiple of heads={self.heads}")
+        if not -(self.layers + 1) <= self.select_layer <= self.layers:
+            raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the {self.layers + 1} hidden states")
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+# Size presets. `tiny` trains on a 2-core CPU in minutes; `small` (ViT-S-like width and heads) is meant for one GPU.
+VIT_PRESETS = {
+    "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
+    "small": ViTConfig(image_size=128, patch_size=16, width=384, layers=8, heads=6),
+}
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention: every patch sees every patch."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd), no mask
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """fc2(gelu(fc1(x))): the ViT's feed-forward network, and also the mlp2x_gelu projector.
+
+    moe.GELUExperts is the expert form of this module (CuMo upcycles both into MoE blocks).
+    """
+
+    def __init__(self, in_dim, hidden_dim, out_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.mlp = MLP(config.width, int(config.mlp_ratio * config.width), config.width)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A CLIP-style Vision Transformer.
+
+    forward(pixels)  -> (B, num_patches, width): patch features of hidden state `select_layer`, class token
+                        dropped -- what the projector receives.
+    embed(pixels)    -> (B, width): the final-normed class token of the last layer -- CLIP's image embedding,
+                        used to pretrain the ViT contrastively (train.py, stage 0).
+    Hidden states are numbered as in CLIP/LLaVA: 0 is the embeddings (after the pre-norm), i the output of block
+    i, so -2 is the output of the second-to-last block.
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        # A patch embedding is a strided convolution: one linear map applied to each non-overlapping patch.
+        self.patch_embed = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size,
+                                     bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
+        self.norm_pre = nn.LayerNorm(config.width, eps=config.norm_eps)  # CLIP's ln_pre
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)  # CLIP's ln_post, on the class token
+        self.apply(self._init_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        """Linear and patch weights ~ N(0, 0.02), biases 0, LayerNorm (1, 0) -- the usual ViT init (timm)."""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def hidden_states(self, pixels, upto):
+        """Run the embeddings and the first `upto` blocks; returns hidden state `upto` (B, 1 + P, width)."""
+        B, C, H, W = pixels.shape
+        size = self.config.image_size
+        if (C, H, W) != (3, size, size):
+            raise ValueError(f"ViT expects images of shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, P, width), patches in raster order
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + P, width)
+        x = self.norm_pre(x)
+        for block in self.blocks[:upto]:
+            x = block(x)
+        return x
+
+    def forward(self, pixels, select_layer=None):
+        layer = self.config.select_layer if select_layer is None else select_layer
+        upto = layer % (self.config.layers + 1)  # blocks after the selected layer are never run
+        return self.hidden_states(pixels, upto)[:, 1:]  # drop the class token
+
+    def embed(self, pixels):
+        return self.norm(self.hidden_states(pixels, self.config.layers)[:, 0])
+
+
+def build_projector(kind, vision_dim, llm_dim):
+    """The vision-to-language projector: `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5, MoE-LLaVA)."""
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    if kind == "mlp2x_gelu":
+        return MLP(vision_dim, llm_dim, llm_dim)
+    raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
