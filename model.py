@@ -240,7 +240,28 @@ def sample_next(logits, temperature=0.0, top_k=None, generator=None):
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def token_positions(attention_mask, past, B, T, device):
+    """Rotary position of each new token (B, T): its index among its row's real tokens, so left padding
+    (batched generation) does not shift a prompt's positions."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+
+def causal_padding_mask(attention_mask, past, B, T, device):
+    """(B, 1, T, T_past + T) bool, True where a new token may attend: real keys at or before it, and always
+    itself, so that a padding row is never fully masked (a softmax over nothing is NaN)."""
+    key_real = torch.ones(B, past + T, dtype=torch.bool, device=device) if attention_mask is None \
+        else attention_mask.bool()
+    query_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(past + T, device=device)[None, :]  # (1, T_past + T)
+    allowed = (key_pos <= query_pos) & (key_real[:, None, :] | (key_pos == query_pos))  # (B, T, T_past + T)
+    return allowed.unsqueeze(1)
+
+
 class LLM(nn.Module):
+    """Decoder-only transformer: token embedding -> n_layer blocks (dense or MoE FFN) -> RMSNorm -> output head."""
+
     def __init__(self, config: LLMConfig):
         super().__init__()
         self.config = config
@@ -271,23 +292,11 @@ class LLM(nn.Module):
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens is longer than max_seq_len={self.config.max_seq_len}")
 
-        # Positions: the index among a row's real tokens, so left padding does not shift them.
-        if attention_mask is None:
-            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        positions = token_positions(attention_mask, past, B, T, x.device)  # (B, T)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd/2)
-
-        # Attention mask: plain causal (the fast path) when there is neither padding nor a cache; else explicit.
-        attn_mask = None
+        attn_mask = None  # plain causal attention (SDPA's fast path) when there is neither padding nor a cache
         if attention_mask is not None or cache is not None:
-            key_real = torch.ones(B, past + T, dtype=torch.bool, device=x.device) if attention_mask is None \
-                else attention_mask.bool()
-            query_pos = torch.arange(past, past + T, device=x.device)[:, None]  # (T, 1)
-            key_pos = torch.arange(past + T, device=x.device)[None, :]  # (1, T_past + T)
-            # a query sees real keys at or before it, and always itself (so a padding row is never all-masked)
-            attn_mask = (key_pos <= query_pos) & (key_real[:, None, :] | (key_pos == query_pos))
-            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, T_past + T)
+            attn_mask = causal_padding_mask(attention_mask, past, B, T, x.device)  # (B, 1, T, T_past + T)
         token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
 
         routing = []
@@ -315,6 +324,9 @@ class LLM(nn.Module):
         """
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T0, C)
         B, T0, _ = x.shape
+        if T0 + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         mask = torch.ones(B, T0, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         cache = self.new_cache(B, T0 + max_new_tokens, x.dtype) if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=x.device)

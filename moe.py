@@ -175,20 +175,23 @@ def grouped_linear(x, weight, group_sizes, use_grouped_mm=False):
     groups in one kernel (PyTorch >= 2.10; it wants int32 cumulative end offsets and 16-byte-aligned strides).
     """
     if use_grouped_mm:
+        dtype = matmul_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would for a matmul
         offsets = group_sizes.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
     slices = x.split(group_sizes.tolist())  # .tolist() waits for the device; the kernels/ path avoids it
     return torch.cat([F.linear(x_e, w_e) for x_e, w_e in zip(slices, weight)])
 
 
+def matmul_dtype(x):
+    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm_serves(x, *weights):
-    """Whether F.grouped_mm's fused kernel applies: CUDA, bf16, every row a multiple of 16 bytes."""
-    return (
-        hasattr(F, "grouped_mm")
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
-    )
+    """Whether F.grouped_mm's fused kernel applies: CUDA, bf16, every weight row a multiple of 16 bytes."""
+    return (hasattr(F, "grouped_mm") and x.is_cuda and matmul_dtype(x) == torch.bfloat16
+            and all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights))
 
 
 class SwiGLUExperts(nn.Module):
@@ -300,11 +303,11 @@ def dispatch_sorted(x, experts, expert_index, weights, keep, use_grouped_mm=Fals
     group_sizes = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
     order = order[: int(group_sizes.sum())]  # the kept assignments, grouped by expert
 
-    x_sorted = x[order // k]  # (M, in)
+    x_sorted = x[order // k]  # (M, in); assignment a belongs to token a // k
     y_sorted = experts.forward_grouped(x_sorted, group_sizes, use_grouped_mm)  # (M, out)
 
     y = y_sorted.new_zeros(n * k, experts.out_dim).index_copy(0, order, y_sorted)  # dropped slots stay 0
-    return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # (N, out)
+    return (y.view(n, k, experts.out_dim) * weights.unsqueeze(-1)).sum(dim=1)  # (N, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,16 +345,11 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.router.to(device=next(experts.parameters()).device)
 
-    def forward(self, x, token_mask=None, image_mask=None):
+    def route(self, tokens):
+        """Routing for (N, in) real tokens: router logits (N, E), probabilities (N, E), the chosen experts
+        (N, k), their gate weights (N, k) and which choices kept a slot (N, k)."""
         cfg = self.config
-        lead_shape = x.shape[:-1]
-        x_flat = x.reshape(-1, x.shape[-1])
-        real = torch.ones(x_flat.shape[0], dtype=torch.bool, device=x.device) if token_mask is None \
-            else token_mask.reshape(-1)
-        is_image = torch.zeros_like(real) if image_mask is None else image_mask.reshape(-1)
-        tokens = x_flat[real]  # (N, in): only real tokens are routed
-
-        logits = router_logits(tokens, self.router.weight)  # (N, E) fp32
+        logits = router_logits(tokens, self.router.weight)
         probs, expert_index, expert_prob = top_k_routing(
             logits, cfg.top_k, noise_std=cfg.router_noise if self.training else 0.0)
         if cfg.drop_tokens:
@@ -360,26 +358,34 @@ class MoELayer(nn.Module):
             keep = keep_within_capacity(expert_index, cfg.num_experts, capacity)
         else:
             keep = torch.ones_like(expert_index, dtype=torch.bool)
-        weights = gate_weights(expert_prob, keep, cfg.renormalize)  # (N, k) fp32
+        return logits, probs, expert_index, gate_weights(expert_prob, keep, cfg.renormalize), keep
 
+    def forward(self, x, token_mask=None, image_mask=None):
+        cfg = self.config
+        lead_shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (B*T, in)
+        real = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if token_mask is None \
+            else token_mask.reshape(-1)
+        is_image = torch.zeros_like(real) if image_mask is None else image_mask.reshape(-1)
+        tokens = x[real]  # (N, in): only real tokens are routed
+
+        logits, probs, expert_index, weights, keep = self.route(tokens)
         if cfg.dispatch == "loop":
             y_tokens = dispatch_loop(tokens, self.experts, expert_index, weights, keep)
         else:
             use_grouped_mm = grouped_mm_serves(tokens, *self.experts.weights())
             y_tokens = dispatch_sorted(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
-
-        y = x_flat.new_zeros(x_flat.shape[0], self.experts.out_dim)
+        y = x.new_zeros(x.shape[0], self.experts.out_dim)
         y[real] = y_tokens.to(y.dtype)  # padding positions stay 0
 
-        token_image = is_image[real]
+        chosen = expert_index.new_full((x.shape[0], cfg.top_k), -1)
+        chosen[real] = expert_index
         stats = RoutingStats(
             balance_loss=load_balancing_loss(probs, expert_index[:, 0], cfg.num_experts),
             z_loss=router_z_loss(logits),
-            expert_counts=self._count_by_modality(expert_index, token_image),
-            top1_counts=self._count_by_modality(expert_index[:, :1], token_image),
+            expert_counts=self._count_by_modality(expert_index, is_image[real]),
+            top1_counts=self._count_by_modality(expert_index[:, :1], is_image[real]),
             dropped=(~keep).sum(),
-            expert_index=expert_index.new_full((x_flat.shape[0], cfg.top_k), -1).index_put((real,), expert_index)
-            .view(*lead_shape, cfg.top_k),
+            expert_index=chosen.view(*lead_shape, cfg.top_k),
         )
         return y.view(*lead_shape, -1), stats
 

@@ -274,3 +274,8 @@ def test_presets_build(name):
     model = VLM(replace(cfg, llm=replace(cfg.llm, vocab_size=VOCAB)))
     assert model.num_image_tokens == cfg.vision.num_patches
     assert cfg.vision.num_patches < cfg.llm.max_seq_len
+
+
+def test_generation_longer_than_max_seq_len_is_rejected_before_it_starts():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm().generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10)

@@ -237,6 +237,16 @@ def test_grouped_mm_equals_loop_over_slices_including_empty_groups():
     assert torch.all(results[1][2][[1, 3]] == 0)  # empty groups get zero weight gradients
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs PyTorch >= 2.10")
+def test_grouped_mm_under_autocast_computes_in_the_autocast_dtype_like_the_loop():
+    torch.manual_seed(0)
+    w, x, sizes = torch.randn(4, 24, 16), torch.randn(20, 16), torch.tensor([5, 0, 9, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, loop = grouped_linear(x, w, sizes, True), grouped_linear(x, w, sizes, False)
+    assert fused.dtype == loop.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, loop, atol=0.05, rtol=0.02)
+
+
 def test_sorted_dispatch_is_deterministic():
     layer = make_layer(num_experts=8)
     x = torch.randn(100, DIM, requires_grad=True)
@@ -379,3 +389,13 @@ def test_config_rejects_impossible_settings():
         MoEConfig(dispatch="fast")
     with pytest.raises(ValueError, match="experts given"):
         MoELayer(MoEConfig(num_experts=4), SwiGLUExperts(2, DIM, HIDDEN))
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "sorted"])
+def test_a_batch_of_padding_only_routes_nothing_and_does_not_crash(dispatch):
+    layer = make_layer(dispatch=dispatch)
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    y, stats = layer(x, token_mask=torch.zeros(2, 5, dtype=torch.bool))
+    (y.sum() + stats.balance_loss + stats.z_loss).backward()
+    assert torch.all(y == 0) and stats.balance_loss.item() == 0 and stats.expert_counts.sum() == 0
+    assert torch.all(stats.expert_index == -1)
