@@ -5,9 +5,12 @@ The LLM is a decoder-only transformer in the modern (LLaMA) style: RMSNorm, rota
 causal attention through F.scaled_dot_product_attention with a KV cache for generation, and a SwiGLU FFN.
 Any block's FFN can instead be an MoE layer (moe.py); which ones follows MoE-LLaVA's `moe_mode`.
 
-The vision-language model (VLM) follows LLaVA: the text is tokenised with one placeholder id per image patch
-at the image's place, the text tokens are embedded, and the projected ViT patch features are written over the
-placeholder positions. The LLM then runs on that mixed sequence. Only assistant answers are supervised.
+The vision-language model (VLM) follows LLaVA: the text tokens are embedded, and the projected ViT patch
+features are written in at the image's place; the LLM then runs on that mixed sequence. Only assistant answers
+are supervised. LLaVA puts one sentinel id per image in the token ids and expands it into the patch features
+inside the model; we let the data pipeline write one sentinel per patch instead, so that a sample's true length
+is known before the model runs (padding, truncation that never cuts an image, batching) and the splice is a
+single masked_scatter.
 
 Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM.
 """
@@ -21,8 +24,7 @@ from moe import MoEConfig, MoELayer, RoutingStats, SwiGLUExperts
 from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
 
 IGNORE_INDEX = -100  # label of positions that are not supervised (image, prompt, padding): F.cross_entropy skips it
-IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel id for an image-patch position; it is never embedded
-MOE_MODES = ("sparse", "dense", "first_half", "second_half")
+IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel id, here one per image patch position; it is never embedded
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,23 +56,21 @@ def moe_layer_indices(moe_layers, n_layer):
 
     sparse: every other layer from 0 (MoE-LLaVA's choice) | dense: all | first_half | second_half | "0,2,5".
     """
+    modes = {"sparse": range(0, n_layer, 2), "dense": range(n_layer),
+             "first_half": range(n_layer // 2), "second_half": range(n_layer // 2, n_layer)}
     if moe_layers == "":
         return []
-    if moe_layers == "sparse":
-        return list(range(0, n_layer, 2))
-    if moe_layers == "dense":
-        return list(range(n_layer))
-    if moe_layers == "first_half":
-        return list(range(n_layer // 2))
-    if moe_layers == "second_half":
-        return list(range(n_layer // 2, n_layer))
-    try:
-        indices = sorted({int(i) for i in moe_layers.split(",")})
-    except ValueError:
-        raise ValueError(f"moe_layers={moe_layers!r}: use one of {MOE_MODES} or a comma-separated list of layer "
-                         f"indices such as '0,2'") from None
-    if indices[0] < 0 or indices[-1] >= n_layer:
-        raise ValueError(f"moe_layers={moe_layers!r}: layer indices must lie in 0..{n_layer - 1}")
+    if moe_layers in modes:
+        indices = list(modes[moe_layers])
+    else:
+        try:
+            indices = sorted({int(i) for i in moe_layers.split(",")})
+        except ValueError:
+            raise ValueError(f"moe_layers={moe_layers!r}: use one of {tuple(modes)} or a comma-separated list of "
+                             f"layer indices such as '0,2'") from None
+    if not indices or indices[0] < 0 or indices[-1] >= n_layer:
+        raise ValueError(f"moe_layers={moe_layers!r} selects {indices}: with n_layer={n_layer} it must select at "
+                         f"least one layer in 0..{n_layer - 1}")
     return indices
 
 
@@ -186,12 +186,12 @@ class Block(nn.Module):
     def is_moe(self):
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x, cos, sin, attn_mask, token_mask, image_mask, cache, layer):
+    def forward(self, x, cos, sin, attn_mask, token_mask, image_mask, cache, layer, dropless):
         """Returns the new residual stream (B, T, C) and this block's RoutingStats (None for a dense FFN)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
         h = self.ffn_norm(x)
         if self.is_moe:
-            out, stats = self.ffn(h, token_mask, image_mask)
+            out, stats = self.ffn(h, token_mask, image_mask, dropless)
         else:
             out, stats = self.ffn(h), None
         return x + out, stats
@@ -225,8 +225,13 @@ def init_weights(model):
 
 
 def lm_loss(logits, labels):
-    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE_INDEX positions are skipped."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    """Next-token cross-entropy: position t predicts labels[t + 1], averaged over the supervised positions.
+
+    IGNORE_INDEX positions are skipped; a batch with none supervised gives 0 rather than F.cross_entropy's NaN.
+    """
+    targets = labels[:, 1:].flatten()
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, generator=None):
@@ -277,7 +282,8 @@ class LLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self)
 
-    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, image_mask=None, cache=None):
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, image_mask=None, cache=None,
+                dropless=False):
         """Logits for every position, and the routing statistics of every MoE block.
 
         input_ids (B, T) or inputs_embeds (B, T, C): the new tokens.
@@ -285,6 +291,7 @@ class LLM(nn.Module):
             be on the right (training batches) or the left (batched generation); positions count real tokens only.
         image_mask (B, T) bool, True at image positions: lets the MoE layers count image and text separately.
         cache: a KVCache to read the past from and append to (generation).
+        dropless: MoE layers ignore their capacity for this call (generation does this).
         """
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -301,7 +308,7 @@ class LLM(nn.Module):
 
         routing = []
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, cos, sin, attn_mask, token_mask, image_mask, cache, i)
+            x, stats = block(x, cos, sin, attn_mask, token_mask, image_mask, cache, i, dropless)
             if stats is not None:
                 routing.append(stats)
         if cache is not None:
@@ -321,6 +328,11 @@ class LLM(nn.Module):
         Prompts of different lengths are left-padded, with attention_mask marking the real tokens. With the KV
         cache each step feeds only the newest token; without it the whole sequence is recomputed each step --
         slower, and the reference the cached path must match. After a row emits eos_id it repeats eos_id.
+        Call model.eval() first, as for any inference: in training mode router noise would apply.
+
+        MoE layers route dropless here. An expert's capacity is a share of the tokens in one forward call, and
+        the prefill, each cached step and each uncached step see different numbers of tokens -- with a capacity,
+        they would drop different assignments, and an answer would depend on the rest of its batch.
         """
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T0, C)
         B, T0, _ = x.shape
@@ -330,28 +342,29 @@ class LLM(nn.Module):
         mask = torch.ones(B, T0, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         cache = self.new_cache(B, T0 + max_new_tokens, x.dtype) if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=x.device)
-        new_tokens = []
+        new_tokens = [torch.zeros(B, 0, dtype=torch.long, device=x.device)]
         for _ in range(max_new_tokens):
-            logits = self(inputs_embeds=x, attention_mask=mask, cache=cache).logits[:, -1]  # (B, vocab)
+            logits = self(inputs_embeds=x, attention_mask=mask, cache=cache, dropless=True).logits[:, -1]  # (B, vocab)
             token = sample_next(logits, temperature, top_k, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id
-            new_tokens.append(token)
+            new_tokens.append(token[:, None])
             if eos_id is not None and finished.all():
                 break
             token_emb = self.tok_emb(token)[:, None]  # (B, 1, C)
             x = token_emb if use_cache else torch.cat([x, token_emb], dim=1)
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        return torch.stack(new_tokens, dim=1)
+        return torch.cat(new_tokens, dim=1)
 
     def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig):
         """Turn the dense FFNs of the chosen blocks into MoE layers whose experts copy them (MoE-LLaVA stage III)."""
-        for i in moe_layer_indices(moe_layers, self.config.n_layer):
-            block = self.blocks[i]
-            if block.is_moe:
-                raise ValueError(f"block {i} already has an MoE FFN")
-            block.ffn = MoELayer.upcycle(block.ffn, moe_config, SwiGLUExperts)
+        indices = moe_layer_indices(moe_layers, self.config.n_layer)
+        already = [i for i in indices if self.blocks[i].is_moe]
+        if already:
+            raise ValueError(f"blocks {already} already have an MoE FFN; upcycle a dense (stage II) model")
+        for i in indices:
+            self.blocks[i].ffn = MoELayer.upcycle(self.blocks[i].ffn, moe_config, SwiGLUExperts)
         self.config = replace(self.config, moe_layers=moe_layers, moe=moe_config)
 
 
@@ -420,9 +433,10 @@ class VLM(nn.Module):
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.llm.tok_emb(input_ids.masked_fill(image_mask, 0))  # (B, T, C); image rows overwritten below
         n_images = 0 if images is None else images.shape[0]
-        if int(image_mask.sum()) != n_images * self.num_image_tokens:
-            raise ValueError(f"the batch has {int(image_mask.sum())} image positions but {n_images} images x "
-                             f"{self.num_image_tokens} patches: each image needs exactly that many placeholder ids")
+        per_row = image_mask.sum(dim=1)
+        if int(per_row.sum()) != n_images * self.num_image_tokens or bool((per_row % self.num_image_tokens).any()):
+            raise ValueError(f"the batch has {per_row.tolist()} image positions per row for {n_images} images: each "
+                             f"image needs exactly {self.num_image_tokens} placeholder ids in one row")
         if n_images:
             features = self.projector(self.vision(images))  # (n, P, C)
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
@@ -435,6 +449,8 @@ class VLM(nn.Module):
         if labels is not None:
             moe = self.llm.config.moe
             labels = labels.masked_fill(image_mask, IGNORE_INDEX)  # image positions are never supervised
+            if attention_mask is not None:
+                labels = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)  # nor is padding
             result.ce_loss = lm_loss(out.logits, labels)
             result.aux_loss = sum((s.balance_loss for s in out.routing), torch.zeros((), device=embeds.device))
             result.z_loss = sum((s.z_loss for s in out.routing), torch.zeros((), device=embeds.device))

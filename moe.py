@@ -171,14 +171,15 @@ def grouped_linear(x, weight, group_sizes, use_grouped_mm=False):
     """A Linear per expert over expert-sorted rows: rows of group e are multiplied by weight[e]^T.
 
     x: (M, in) with the rows of expert 0 first, then expert 1, ...; weight: (E, out, in); group_sizes: (E,).
-    The plain form is a loop over contiguous slices. On CUDA with bf16, torch.nn.functional.grouped_mm does all
-    groups in one kernel (PyTorch >= 2.10; it wants int32 cumulative end offsets and 16-byte-aligned strides).
+    The plain form is a loop over contiguous slices. torch.nn.functional.grouped_mm (PyTorch >= 2.10) does all
+    groups in one call: int32 cumulative end offsets, 16-byte-aligned strides; a fused CUTLASS kernel in bf16 on
+    Hopper/Blackwell (SM90/SM100), a loop inside PyTorch elsewhere.
     """
     if use_grouped_mm:
         dtype = matmul_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would for a matmul
         offsets = group_sizes.cumsum(0).to(torch.int32)
         return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
-    slices = x.split(group_sizes.tolist())  # .tolist() waits for the device; the kernels/ path avoids it
+    slices = x.split(group_sizes.tolist())  # .tolist() waits for the device
     return torch.cat([F.linear(x_e, w_e) for x_e, w_e in zip(slices, weight)])
 
 
@@ -301,7 +302,7 @@ def dispatch_sorted(x, experts, expert_index, weights, keep, use_grouped_mm=Fals
     flat_expert = expert_index.masked_fill(~keep, num_experts).reshape(-1)  # (N*k,), assignment a = token*k + slot
     order = flat_expert.argsort(stable=True)
     group_sizes = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-    order = order[: int(group_sizes.sum())]  # the kept assignments, grouped by expert
+    order = order[: int(group_sizes.sum())]  # the kept assignments, grouped by expert (int() waits for the device)
 
     x_sorted = x[order // k]  # (M, in); assignment a belongs to token a // k
     y_sorted = experts.forward_grouped(x_sorted, group_sizes, use_grouped_mm)  # (M, out)
@@ -329,10 +330,14 @@ class RoutingStats:
 class MoELayer(nn.Module):
     """A top-k routed Mixture-of-Experts FFN: a fresh fp32 router and E experts of one form.
 
-    forward(x (..., in), token_mask=None, image_mask=None) -> (y (..., out), RoutingStats)
+    forward(x (..., in), token_mask=None, image_mask=None, dropless=False) -> (y (..., out), RoutingStats)
       token_mask: True at real tokens. Padding is never routed: it takes no slot, enters neither the balancing
                   loss nor the counts, and its output is 0. (DeepSpeed routes padding; MoE-LLaVA inherits that.)
       image_mask: True at image tokens; only used to split the counts into text and image.
+      dropless:   ignore the capacity for this call (generation: see LLM.generate).
+
+    Mixed precision means autocast: the router then still runs in fp32. Casting the whole model with
+    .to(torch.bfloat16) casts the router's weight too, and router_logits can only upcast the rounded values.
     """
 
     def __init__(self, config: MoEConfig, experts: nn.Module):
@@ -345,14 +350,14 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.router.to(device=next(experts.parameters()).device)
 
-    def route(self, tokens):
+    def route(self, tokens, dropless=False):
         """Routing for (N, in) real tokens: router logits (N, E), probabilities (N, E), the chosen experts
         (N, k), their gate weights (N, k) and which choices kept a slot (N, k)."""
         cfg = self.config
         logits = router_logits(tokens, self.router.weight)
         probs, expert_index, expert_prob = top_k_routing(
             logits, cfg.top_k, noise_std=cfg.router_noise if self.training else 0.0)
-        if cfg.drop_tokens:
+        if cfg.drop_tokens and not dropless:
             cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             capacity = expert_capacity(tokens.shape[0], cfg.num_experts, cfg.top_k, cf, cfg.min_capacity)
             keep = keep_within_capacity(expert_index, cfg.num_experts, capacity)
@@ -360,15 +365,15 @@ class MoELayer(nn.Module):
             keep = torch.ones_like(expert_index, dtype=torch.bool)
         return logits, probs, expert_index, gate_weights(expert_prob, keep, cfg.renormalize), keep
 
-    def forward(self, x, token_mask=None, image_mask=None):
+    def forward(self, x, token_mask=None, image_mask=None, dropless=False):
         cfg = self.config
         lead_shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (B*T, in)
         real = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if token_mask is None \
-            else token_mask.reshape(-1)
-        is_image = torch.zeros_like(real) if image_mask is None else image_mask.reshape(-1)
+            else token_mask.reshape(-1).bool()
+        is_image = torch.zeros_like(real) if image_mask is None else image_mask.reshape(-1).bool()
         tokens = x[real]  # (N, in): only real tokens are routed
 
-        logits, probs, expert_index, weights, keep = self.route(tokens)
+        logits, probs, expert_index, weights, keep = self.route(tokens, dropless)
         if cfg.dispatch == "loop":
             y_tokens = dispatch_loop(tokens, self.experts, expert_index, weights, keep)
         else:

@@ -35,7 +35,7 @@ class ViTConfig:
             raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"ViTConfig: width={self.width} is not a multiple of heads={self.heads}")
-        if not -(self.layers + 1) <= self.select_layer <= self.layers:
+        if not -(self.layers + 1) <= self.select_layer <= self.layers:  # hidden states 0..layers
             raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the {self.layers + 1} hidden states")
 
     @property
@@ -145,7 +145,10 @@ class ViT(nn.Module):
 
     def forward(self, pixels, select_layer=None):
         layer = self.config.select_layer if select_layer is None else select_layer
-        upto = layer % (self.config.layers + 1)  # blocks after the selected layer are never run
+        n_states = self.config.layers + 1
+        if not -n_states <= layer < n_states:
+            raise ValueError(f"select_layer={layer}: this ViT has hidden states 0..{n_states - 1} (or -1..-{n_states})")
+        upto = layer % n_states  # blocks after the selected layer are never run
         return self.hidden_states(pixels, upto)[:, 1:]  # drop the class token
 
     def embed(self, pixels):

@@ -12,6 +12,16 @@ from vision import ViTConfig
 VOCAB = 97
 
 
+def dropping_llm(seed=0):
+    """An MoE LLM (8 experts, top-1) with so little evaluation capacity (C = ceil(0.5 * S / 8)) that it drops."""
+    model = llm(seed, moe_layers="dense",
+                moe=MoEConfig(num_experts=8, top_k=1, eval_capacity_factor=0.5, min_capacity=0))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ffn.experts.down_proj.normal_(std=0.2)  # experts that matter
+    return model
+
+
 def llm(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = LLMConfig(vocab_size=VOCAB, dim=32, n_layer=4, n_head=4, ffn_dim=64, max_seq_len=64, **overrides)
@@ -57,6 +67,8 @@ def test_moe_placement_modes_follow_moe_llava():
         moe_layer_indices("every_third", 6)
     with pytest.raises(ValueError, match="0..5"):
         moe_layer_indices("2,6", 6)
+    with pytest.raises(ValueError, match="at least one layer"):
+        moe_layer_indices("first_half", 1)
 
 
 def test_blocks_get_moe_ffns_where_placed():
@@ -99,13 +111,30 @@ def test_kv_cache_generation_equals_no_cache_generation(moe_layers):
     assert torch.equal(*sampled)
 
 
-def test_cached_logits_equal_full_forward_logits():
-    model = llm(moe_layers="dense")
+@pytest.mark.parametrize("make", [lambda: llm(moe_layers="dense"), dropping_llm])
+def test_cached_logits_equal_full_forward_logits_when_routing_dropless(make):
+    model = make()
     ids = torch.randint(0, VOCAB, (2, 15))
-    full = model(ids).logits
+    full = model(ids, dropless=True).logits
     cache = model.new_cache(2, 15)
-    parts = [model(ids[:, :9], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 15)]
+    parts = [model(ids[:, :9], cache=cache, dropless=True).logits]
+    parts += [model(ids[:, t:t + 1], cache=cache, dropless=True).logits for t in range(9, 15)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_is_exact_even_for_a_model_whose_eval_capacity_drops():
+    for seed in range(4):
+        model = dropping_llm(seed)
+        ids = torch.randint(0, VOCAB, (2, 15))
+        assert sum(s.dropped for s in model(ids).routing) > 0  # this model does drop at evaluation capacity
+
+        def sample(prompt, use_cache=True):
+            return model.generate(prompt, max_new_tokens=10, temperature=1.0, use_cache=use_cache,
+                                  generator=torch.Generator().manual_seed(seed))
+
+        assert torch.equal(sample(ids), sample(ids, use_cache=False))
+        greedy = model.generate(ids, max_new_tokens=10)  # an answer does not depend on the rest of its batch
+        assert torch.equal(greedy[1:], model.generate(ids[1:], max_new_tokens=10))
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
@@ -118,6 +147,10 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
         batch[i, 9 - len(p):], mask[i, 9 - len(p):] = p, True
     together = model.generate(batch, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(together, torch.cat(alone))
+
+
+def test_zero_new_tokens_gives_an_empty_answer():
+    assert llm().generate(torch.zeros(3, 4, dtype=torch.long), max_new_tokens=0).shape == (3, 0)
 
 
 def test_generation_stops_after_eos():
@@ -144,6 +177,9 @@ def test_upcycled_llm_computes_what_the_dense_llm_computed():
     assert len(after.routing) == 2
     assert model.config.moe_layers == "sparse"
     assert LLMConfig().moe_layers == ""  # the shared default config is untouched
+    with pytest.raises(ValueError, match="already have an MoE FFN"):
+        model.upcycle_to_moe("dense", MoEConfig())
+    assert [b.is_moe for b in model.blocks] == [True, False, True, False]  # nothing half-converted
 
 
 def test_param_counts_count_only_k_of_e_experts_as_active():
@@ -189,6 +225,11 @@ def test_image_count_must_match_placeholders():
         model(input_ids, images[:1])
     with pytest.raises(ValueError, match="image positions"):
         model(input_ids, None)
+    split = input_ids.clone()  # 8 placeholders for 2 images, but 6 + 2: an image would straddle two rows
+    split[0, 5:7] = IMAGE_TOKEN_INDEX
+    split[1, 1:3] = 5
+    with pytest.raises(ValueError, match="in one row"):
+        model(split, images)
 
 
 def test_loss_is_cross_entropy_plus_weighted_moe_losses():
@@ -206,7 +247,7 @@ def test_dense_vlm_has_no_moe_terms_and_loss_equals_ce():
     torch.testing.assert_close(out.loss, out.ce_loss)
 
 
-def test_image_and_prompt_positions_are_not_supervised():
+def test_image_and_padding_positions_are_never_supervised():
     model = vlm()
     input_ids, images, labels, mask = vlm_batch()
     base = model(input_ids, images, labels, mask).ce_loss
@@ -214,6 +255,10 @@ def test_image_and_prompt_positions_are_not_supervised():
     labelled_images = labels.clone()
     labelled_images[input_ids == IMAGE_TOKEN_INDEX] = 3
     torch.testing.assert_close(model(input_ids, images, labelled_images, mask).ce_loss, base)
+    # labels put on padding positions are ignored too
+    labelled_padding = labels.clone()
+    labelled_padding[~mask] = 3
+    torch.testing.assert_close(model(input_ids, images, labelled_padding, mask).ce_loss, base)
     # the loss equals the mean token cross-entropy over the answer positions only
     logits = model(input_ids, images, labels, mask).logits
     targets = labels[:, 1:]
@@ -279,3 +324,9 @@ def test_presets_build(name):
 def test_generation_longer_than_max_seq_len_is_rejected_before_it_starts():
     with pytest.raises(ValueError, match="max_new_tokens"):
         llm().generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10)
+
+
+def test_a_batch_with_nothing_supervised_has_zero_loss_not_nan():
+    input_ids, images, labels, mask = vlm_batch()
+    out = vlm()(input_ids, images, torch.full_like(labels, IGNORE_INDEX), mask)
+    assert out.ce_loss.item() == 0 and torch.isfinite(out.loss)

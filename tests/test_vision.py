@@ -82,6 +82,8 @@ def test_unknown_projector_and_bad_config_are_rejected():
         ViTConfig(image_size=30, patch_size=8)
     with pytest.raises(ValueError, match="select_layer"):
         ViTConfig(layers=2, select_layer=-5)
+    with pytest.raises(ValueError, match="select_layer=4"):
+        vit()(torch.randn(1, 3, 32, 32), select_layer=4)  # 3 blocks: hidden states 0..3
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
