@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoEConfig, MoELayer, RoutingStats, SwiGLUExperts
+from moe import MoEConfig, MoELayer, SwiGLUExperts
 from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
 
 IGNORE_INDEX = -100  # label of positions that are not supervised (image, prompt, padding): F.cross_entropy skips it
@@ -390,6 +390,11 @@ class VLMConfig:
     vision: ViTConfig = field(default_factory=ViTConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: str = "mlp2x_gelu"
+
+    def __post_init__(self):
+        if self.vision.num_patches >= self.llm.max_seq_len:
+            raise ValueError(f"VLMConfig: an image takes {self.vision.num_patches} tokens, which leaves no room for "
+                             f"text in max_seq_len={self.llm.max_seq_len}")
 
 
 PRESETS = {
