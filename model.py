@@ -342,7 +342,7 @@ class LLM(nn.Module):
         mask = torch.ones(B, T0, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         cache = self.new_cache(B, T0 + max_new_tokens, x.dtype) if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=x.device)
-        new_tokens = [torch.zeros(B, 0, dtype=torch.long, device=x.device)]
+        new_tokens = [torch.zeros(B, 0, dtype=torch.long, device=x.device)]  # so max_new_tokens=0 gives (B, 0)
         for _ in range(max_new_tokens):
             logits = self(inputs_embeds=x, attention_mask=mask, cache=cache, dropless=True).logits[:, -1]  # (B, vocab)
             token = sample_next(logits, temperature, top_k, generator)

@@ -214,6 +214,7 @@ class SwiGLUExperts(nn.Module):
         return grouped_linear(F.silu(gate) * up, self.down_proj, group_sizes, use_grouped_mm)
 
     def weights(self):
+        """The stacked matrices, for grouped_mm_serves' alignment check."""
         return self.gate_proj, self.up_proj, self.down_proj
 
     @classmethod
@@ -252,6 +253,7 @@ class GELUExperts(nn.Module):
         return grouped_linear(F.gelu(h), self.fc2_weight, group_sizes, use_grouped_mm) + self.fc2_bias[row_expert]
 
     def weights(self):
+        """The stacked matrices, for grouped_mm_serves' alignment check."""
         return self.fc1_weight, self.fc2_weight
 
     @classmethod
