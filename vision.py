@@ -10,8 +10,11 @@ by CLIP's contrastive objective, the one before it keeps more local detail (LLaV
 The projector maps those features into the LLM's embedding space: `linear` (LLaVA) or `mlp2x_gelu`
 (Linear -> GELU -> Linear; LLaVA-1.5 and MoE-LLaVA).
 
-Classes bottom-up: ViTConfig, Attention, MLP, Block, ViT; then build_projector.
+Classes bottom-up: ViTConfig, Attention, MLP, Block, ViT; then build_projector; then what pretrains the ViT from
+scratch (train.py stage 0, because no CLIP weights can be downloaded here): a small text tower and CLIP's
+contrastive loss.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +35,13 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"ViTConfig: width={self.width} is not a multiple of heads={self.heads}")
         if not -(self.layers + 1) <= self.select_layer <= self.layers:  # hidden states 0..layers
-            raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the {self.layers + 1} hidden states")
+            raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the "
+                             f"{self.layers + 1} hidden states")
 
     @property
     def num_patches(self):
@@ -59,10 +64,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd), no mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd); images need no mask
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -91,8 +96,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
         self.mlp = MLP(config.width, int(config.mlp_ratio * config.width), config.width)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -162,3 +167,59 @@ def build_projector(kind, vision_dim, llm_dim):
     if kind == "mlp2x_gelu":
         return MLP(vision_dim, llm_dim, llm_dim)
     raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP pretraining (train.py stage 0). With a real pretrained CLIP ViT this part is not needed.
+
+
+class TextTower(nn.Module):
+    """CLIP's text encoder in miniature: token + position embeddings, pre-norm blocks over the real tokens, then
+    the mean of the final-normed real tokens (CLIP takes the end-of-text token under a causal mask instead)."""
+
+    def __init__(self, vocab_size, max_len, config: ViTConfig, layers=2):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab_size, config.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, config.width))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(layers))
+        self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.apply(ViT._init_weights)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward(self, ids, mask):
+        """ids (B, T) with mask (B, T) True at real tokens -> (B, width)."""
+        T = ids.shape[1]
+        x = self.tok_embed(ids) + self.pos_embed[:, :T]  # (B, T, width)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, T): every token attends to the real tokens only
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.norm(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1)
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale):
+    """CLIP's symmetric InfoNCE (arXiv 2103.00020, Fig. 3): in a batch of n matching (image, text) pairs, each
+    image must pick its own text among the n, and each text its own image. Embeddings are L2-normalised."""
+    image_emb = F.normalize(image_emb.float(), dim=-1)
+    text_emb = F.normalize(text_emb.float(), dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image_emb @ text_emb.t()  # (n, n), the diagonal is the truth
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+class CLIPHead(nn.Module):
+    """Everything CLIP pretraining adds around a ViT: the text tower, both projections, the temperature."""
+
+    def __init__(self, vocab_size, max_len, config: ViTConfig, embed_dim=128, text_layers=2):
+        super().__init__()
+        self.text = TextTower(vocab_size, max_len, config, text_layers)
+        self.image_proj = nn.Linear(config.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(config.width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+
+    def forward(self, vit, pixels, ids, mask):
+        """The contrastive loss of a batch of images (B, 3, H, W) and their captions ids/mask (B, T)."""
+        return contrastive_loss(self.image_proj(vit.embed(pixels)), self.text_proj(self.text(ids, mask)),
+                                self.logit_scale)

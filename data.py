@@ -1,0 +1,637 @@
+"""
+data.py -- the data: a built-in data set, LLaVA-format loading, the tokenizer, conversation templates, batching.
+
+Nothing here knows the model. What goes in is LLaVA's JSON format; what comes out is a batch of token ids with
+IMAGE_TOKEN_INDEX placeholders, labels, a padding mask and the images as tensors.
+
+Read it top to bottom:
+  1. the built-in world      procedurally drawn scenes of shapes (pillow), each with a caption, instruction
+                              conversations and a text-only subset, written to disk in LLaVA's JSON format
+  2. the tokenizer           a tiktoken Encoding: by default a byte-level BPE learned from the built-in corpus
+                              (no download); or a named tiktoken encoding (gpt2, cl100k_base, ...) where it loads
+  3. templates               `plain` (stage I) and MoE-LLaVA's chat template (stages II-III); labels only on answers
+  4. loading                 LLaVA JSON -> checked, tokenized samples; bad samples counted and skipped
+  5. batching                a deterministic, resumable order; padding, padding mask, labels, images
+
+`python data.py` writes the built-in data set (it is also written on first use by train.py). The same loader
+reads real LLaVA files: LLaVA-558K (blip_laion_cc_sbu_558k.json, stage I) and LLaVA-665K (llava_v1_5_mix665k.json,
+stages II-III) with their image folders.
+"""
+import argparse
+import base64
+import collections
+import json
+import os
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tiktoken
+import torch
+from PIL import Image, ImageDraw
+
+IGNORE_INDEX = -100  # label of unsupervised positions; equals model.IGNORE_INDEX (data.py imports no model)
+IMAGE_TOKEN_INDEX = -200  # one per image patch position; equals model.IMAGE_TOKEN_INDEX
+IMAGE_PLACEHOLDER = "<image>"  # where the image goes in LLaVA's text
+END_OF_TEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (END_OF_TEXT, IMAGE_PLACEHOLDER)  # the tokenizer's two special tokens
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The built-in world: scenes of coloured shapes on a 3 x 3 grid
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPE_POPULARITY = (5, 4, 3, 2, 1)  # some shapes are common, some rare: POPE's "popular" negatives need that
+THEMES = (("circle", "cross"), ("square", "triangle"), ("diamond", "circle"))  # shapes that tend to co-occur
+THEME_BOOST = 3  # a theme's shapes are this many times likelier: POPE's "adversarial" negatives need that
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40),
+           "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245)}
+SIZES = {"small": 0.09, "large": 0.16}  # radius as a fraction of the image side
+BACKGROUNDS = {"dark": (35, 35, 45), "gray": (110, 110, 115), "brown": (95, 75, 55)}
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.")
+
+
+@dataclass(frozen=True)
+class BuiltinConfig:
+    seed: int = 0
+    n_train: int = 5000  # scenes per split; each scene gives one caption sample and one instruction sample
+    n_val: int = 250
+    n_test: int = 500
+    text_only_fraction: float = 0.1  # text-only instruction samples, as a fraction of a split's scenes
+    image_size: int = 128  # stored size; the loader resizes to the model's image size
+    max_objects: int = 4  # at most 9, one per grid cell
+    bpe_vocab_size: int = 1024  # at most; learning stops when no pair of tokens repeats
+
+    def __post_init__(self):
+        if min(self.n_train, self.n_val, self.n_test) < 1 or not 1 <= self.max_objects <= 9:
+            raise ValueError("BuiltinConfig: every split needs at least one scene, and max_objects must be 1..9")
+        if self.bpe_vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"BuiltinConfig: bpe_vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (the bytes)")
+
+
+def make_scene(rng, max_objects=4):
+    """A scene: a background and 1..max_objects objects (shape, colour, size) in distinct cells of a 3 x 3 grid."""
+    theme = rng.choice(THEMES)
+    shape_weights = [p * (THEME_BOOST if s in theme else 1) for s, p in zip(SHAPES, SHAPE_POPULARITY)]
+    cells = rng.sample(range(9), rng.randint(1, max_objects))
+    objects = [{"shape": rng.choices(SHAPES, shape_weights)[0], "colour": rng.choice(list(COLOURS)),
+                "size": rng.choice(list(SIZES)), "position": POSITIONS[cell], "cell": cell,
+                "jitter": [rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)]} for cell in sorted(cells)]
+    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects}
+
+
+def scene_signature(scene):
+    return (scene["background"], tuple((o["shape"], o["colour"], o["size"], o["cell"]) for o in scene["objects"]))
+
+
+def draw_scene(scene, size):
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene["background"]])
+    draw = ImageDraw.Draw(image)
+    for o in scene["objects"]:
+        row, col = divmod(o["cell"], 3)
+        cx = (col + 0.5 + 3 * o["jitter"][0]) * size / 3
+        cy = (row + 0.5 + 3 * o["jitter"][1]) * size / 3
+        r = SIZES[o["size"]] * size
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        elif o["shape"] == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        else:  # cross
+            w = r / 3
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    return image
+
+
+def describe(o):
+    return f"{o['size']} {o['colour']} {o['shape']}"
+
+
+def where(position):
+    return "in the center" if position == "center" else f"at the {position}"
+
+
+def caption(scene):
+    parts = [f"a {describe(o)} {where(o['position'])}" for o in scene["objects"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + f", on a {scene['background']} background."
+
+
+def questions(scene, rng):
+    """Every question this scene can answer unambiguously, as (type, question, answer)."""
+    objs = scene["objects"]
+    shape_n = collections.Counter(o["shape"] for o in objs)
+    colour_n = collections.Counter(o["colour"] for o in objs)
+    kind_n = collections.Counter((o["colour"], o["shape"]) for o in objs)
+    qa = [("count", "How many objects are there?", str(len(objs))),
+          ("description", rng.choice(CAPTION_PROMPTS), caption(scene))]
+    shape = rng.choice(SHAPES)
+    qa.append(("count", f"How many {shape}s are there?", str(shape_n[shape])))
+    for o in objs:
+        if shape_n[o["shape"]] == 1:
+            qa.append(("colour", f"What colour is the {o['shape']}?", o["colour"]))
+            qa.append(("size", f"Is the {o['shape']} large or small?", o["size"]))
+        if colour_n[o["colour"]] == 1:
+            qa.append(("shape", f"What shape is the {o['colour']} object?", o["shape"]))
+        if kind_n[(o["colour"], o["shape"])] == 1:
+            qa.append(("position", f"Where is the {o['colour']} {o['shape']}?", o["position"]))
+    present = rng.choice(objs)
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in kind_n]
+    c, s = rng.choice(absent)
+    qa.append(("existence", f"Is there a {present['colour']} {present['shape']} in the image?", "yes"))
+    qa.append(("existence", f"Is there a {c} {s} in the image?", "no"))
+    return qa
+
+
+def instruction_sample(scene, rng, sample_id, image):
+    """A 1-3 turn conversation about the scene; `<image>` leads the first question, as in LLaVA-665K."""
+    qa = rng.sample(questions(scene, rng), rng.randint(1, 3))
+    conversations = []
+    for i, (_, q, a) in enumerate(qa):
+        conversations.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
+        conversations.append({"from": "gpt", "value": a})
+    return {"id": sample_id, "image": image, "conversations": conversations, "question_types": [t for t, _, _ in qa]}
+
+
+def text_only_sample(rng, sample_id):
+    """Image-free instructions, the built-in counterpart of the official text-only instruction data."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        shape = rng.choice(["triangle", "square", "diamond"])
+        q, a = f"How many sides does a {shape} have?", {"triangle": "3", "square": "4", "diamond": "4"}[shape]
+    elif kind == 1:
+        x, y = rng.randint(0, 5), rng.randint(0, 4)
+        q, a = f"What is {x} plus {y}?", str(x + y)
+    elif kind == 2:
+        (c1, c2), a = rng.choice([(("blue", "yellow"), "green"), (("red", "yellow"), "orange"),
+                                  (("red", "blue"), "purple"), (("red", "white"), "pink")])
+        q = f"What colour do you get when you mix {c1} and {c2}?"
+    elif kind == 3:
+        n = rng.randint(0, 8)
+        q, a = f"What number comes after {n}?", str(n + 1)
+    else:
+        x, y = rng.sample(range(10), 2)
+        q, a = f"Which is bigger, {x} or {y}?", str(max(x, y))
+    return {"id": sample_id, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+            "question_types": ["text"]}
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=None if isinstance(obj, list) else 1)
+    os.replace(tmp, path)
+
+
+def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
+    """Draw the built-in data set into data_dir: images/, {captions,instruct,scenes}_{split}.json, tokenizer.
+
+    Splits are drawn from one seeded stream; a scene identical to one already drawn (in any split) is redrawn,
+    so no scene is shared between train, val and test.
+    """
+    from tqdm import tqdm
+    rng = random.Random(config.seed)
+    os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
+    seen = set()
+    corpus = []
+    splits = {"train": config.n_train, "val": config.n_val, "test": config.n_test}
+    bar = tqdm(total=sum(splits.values()), desc="drawing the built-in data set", disable=not progress)
+    for split, n in splits.items():
+        captions, instruct, scenes = [], [], []
+        for i in range(n):
+            scene = make_scene(rng, config.max_objects)
+            while scene_signature(scene) in seen:
+                scene = make_scene(rng, config.max_objects)
+            seen.add(scene_signature(scene))
+            image = f"images/{split}_{i:05d}.png"
+            draw_scene(scene, config.image_size).save(os.path.join(data_dir, image))
+            sid = f"{split}-{i:05d}"
+            captions.append({"id": sid, "image": image, "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{rng.choice(CAPTION_PROMPTS)}"},
+                {"from": "gpt", "value": caption(scene)}]})
+            instruct.append(instruction_sample(scene, rng, sid, image))
+            scenes.append({"id": sid, "image": image, **scene})
+            bar.update()
+        n_text = round(n * config.text_only_fraction)
+        instruct += [text_only_sample(rng, f"{split}-text-{i:05d}") for i in range(n_text)]
+        rng.shuffle(instruct)
+        write_json(os.path.join(data_dir, f"captions_{split}.json"), captions)
+        write_json(os.path.join(data_dir, f"instruct_{split}.json"), instruct)
+        write_json(os.path.join(data_dir, f"scenes_{split}.json"), scenes)
+        if split == "train":  # the BPE learns from the texts exactly as the templates render them
+            corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
+            corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
+    bar.close()
+    ranks = train_bpe(corpus, config.bpe_vocab_size - len(SPECIAL_TOKENS))
+    save_bpe(os.path.join(data_dir, BUILTIN_TOKENIZER_FILE), ranks)
+    write_json(os.path.join(data_dir, "builtin.json"), asdict(config))  # written last: marks the set complete
+
+
+def ensure_builtin(data_dir, config=BuiltinConfig(), progress=True):
+    """Generate the built-in data set unless data_dir already holds it for this exact config."""
+    marker = os.path.join(data_dir, "builtin.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == asdict(config):
+                return
+    generate_builtin(data_dir, config, progress)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The tokenizer: a tiktoken Encoding
+
+# The pre-tokenisation split (GPT-2's idea in ASCII form): words with their leading space, single digits (so
+# numbers are read digit by digit), runs of punctuation, whitespace. Valid for Python's re and tiktoken alike.
+PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+BUILTIN_TOKENIZER_FILE = "tokenizer.tiktoken"
+
+
+def train_bpe(texts, vocab_size):
+    """Learn byte-level BPE merges (Sennrich et al. 2016; GPT-2's byte-level form) from a list of texts.
+
+    Returns tiktoken's `mergeable_ranks`: the 256 single bytes get ranks 0..255, then each merge, in the order
+    learned, the next rank. Greedy and deterministic: the most frequent adjacent pair wins, ties broken by the
+    smaller pair; learning stops at vocab_size or when no pair occurs twice.
+    """
+    words = collections.Counter()
+    for text in texts:
+        words.update(re.findall(PAT_STR, text))
+    pieces = {w: [bytes([b]) for b in w.encode("utf-8")] for w in words}
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = collections.Counter()
+        for w, n in words.items():
+            p = pieces[w]
+            for a, b in zip(p, p[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break
+        (a, b), n = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < 2:
+            break
+        merged = a + b
+        ranks.setdefault(merged, len(ranks))
+        for w in words:
+            p, out, i = pieces[w], [], 0
+            while i < len(p):
+                if i + 1 < len(p) and p[i] == a and p[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(p[i])
+                    i += 1
+            pieces[w] = out
+    return ranks
+
+
+def save_bpe(path, ranks):
+    """Write tiktoken's own file format, one `base64(token) rank` line per token (tiktoken.load reads it too)."""
+    with open(path + ".tmp", "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    os.replace(path + ".tmp", path)
+
+
+def load_bpe(path):
+    ranks = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@dataclass
+class Tokenizer:
+    """A tiktoken Encoding plus the ids the pipeline needs: end-of-text (also used as padding) and `<image>`."""
+    encoding: tiktoken.Encoding
+    name: str
+
+    @property
+    def vocab_size(self):
+        return self.encoding.n_vocab
+
+    @property
+    def eos_id(self):
+        return self.encoding.encode_single_token(END_OF_TEXT)
+
+    @property
+    def image_id(self):
+        return self.encoding.encode_single_token(IMAGE_PLACEHOLDER)
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special=set(SPECIAL_TOKENS))
+
+    def decode(self, ids):
+        return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+def with_special_tokens(name, pat_str, ranks, special_tokens):
+    """An Encoding that has our two special tokens, appended after the existing ones where missing."""
+    special = dict(special_tokens)
+    next_id = max([*ranks.values(), *special.values()]) + 1
+    for token in SPECIAL_TOKENS:
+        if token not in special:
+            special[token] = next_id
+            next_id += 1
+    return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
+
+
+def load_tokenizer(name, builtin_dir=None):
+    """`builtin`: the BPE stored in builtin_dir (no download). Any other name: tiktoken.get_encoding(name)."""
+    if name == "builtin":
+        path = os.path.join(builtin_dir or "", BUILTIN_TOKENIZER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no built-in tokenizer at {path}: run `python data.py --out {builtin_dir}` "
+                                    f"to write the data set and its tokenizer")
+        return Tokenizer(with_special_tokens("builtin", PAT_STR, load_bpe(path), {}), "builtin")
+    try:
+        base = tiktoken.get_encoding(name)
+    except Exception as e:  # unknown name, or the BPE file cannot be downloaded (offline, no cache)
+        raise RuntimeError(f"tiktoken encoding {name!r} could not be loaded ({type(e).__name__}: {e}); it is "
+                           f"downloaded on first use, so set TIKTOKEN_CACHE_DIR to a cached copy or use "
+                           f"--tokenizer=builtin") from None
+    return Tokenizer(with_special_tokens(name, base._pat_str, base._mergeable_ranks, base._special_tokens), name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Conversation templates: the text the model reads, and which of its tokens are supervised
+
+CHAT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("plain", "chat")
+
+
+def render(conversations, template):
+    """Turn LLaVA turns into text pieces (text, supervised?) -- MoE-LLaVA's `plain` and `phi` conversation styles.
+
+    plain (stage I):  <image> caption \\n            -- the human turn is replaced by the image alone
+    chat (II, III):   {system} USER: <image>\\n{q} ASSISTANT: {a}<|endoftext|>USER: {q2} ASSISTANT: {a2}<|endoftext|>
+    Only the answers (with their end marker) are supervised. The answer piece starts with the space after
+    "ASSISTANT:", so a prompt ending in "ASSISTANT:" is exactly what generation starts from.
+    """
+    if template == "plain":
+        return [(IMAGE_PLACEHOLDER, False), (conversations[1]["value"] + "\n", True)]
+    pieces = [(CHAT_SYSTEM, False)]
+    for human, gpt in zip(conversations[0::2], conversations[1::2]):
+        pieces.append((f" USER: {human['value']} ASSISTANT:", False))
+        pieces.append((f" {gpt['value']}{END_OF_TEXT}", True))
+    return pieces
+
+
+def chat_prompt(question, with_image=True):
+    """The prompt for one question, ending where the assistant's answer begins (for generation)."""
+    question = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
+    return render([{"from": "human", "value": question}, {"from": "gpt", "value": ""}], "chat")[:-1]
+
+
+def tokenize(pieces, tokenizer, num_image_tokens, supervise_all=False):
+    """Pieces -> (ids, supervised) int32 / bool arrays; each <image> becomes num_image_tokens IMAGE_TOKEN_INDEX ids."""
+    ids, sup = [], []
+    for text, supervised in pieces:
+        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:  # an image: never supervised
+                ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
+                sup += [False] * num_image_tokens
+            chunk_ids = tokenizer.encode(chunk)
+            ids += chunk_ids
+            sup += [supervised or supervise_all] * len(chunk_ids)
+    return np.array(ids, dtype=np.int32), np.array(sup, dtype=bool)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Loading LLaVA JSON: check every sample, tokenize the good ones, count the bad ones
+
+class BadSample(ValueError):
+    pass
+
+
+def check_conversation(sample, template):
+    """Raise BadSample(reason) if a sample cannot be trained on; returns its conversations."""
+    conv = sample.get("conversations") if isinstance(sample, dict) else None
+    if not isinstance(conv, list) or not conv:
+        raise BadSample("no conversations")
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
+        raise BadSample("malformed turn")
+    if [t.get("from") for t in conv] != ["human", "gpt"] * (len(conv) // 2) or len(conv) % 2:
+        raise BadSample("turns do not alternate human/gpt" if len(conv) > 1 else "no answer")
+    if not all(t["value"].strip() for t in conv[1::2]):
+        raise BadSample("empty answer")
+    n_images = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
+    has_image = sample.get("image") is not None
+    if n_images > 1 or any(IMAGE_PLACEHOLDER in t["value"] for t in conv[1:]):
+        raise BadSample("<image> outside the first question, or more than once")
+    if has_image and n_images == 0:  # LLaVA prepends the placeholder in that case; we do the same
+        conv = [{**conv[0], "value": f"{IMAGE_PLACEHOLDER}\n{conv[0]['value']}"}, *conv[1:]]
+    if not has_image and n_images:
+        raise BadSample("<image> in the text but no image file")
+    if template == "plain" and (not has_image or len(conv) != 2):
+        raise BadSample("the plain template needs an image and exactly one answer")
+    return conv
+
+
+def truncate(ids, sup, max_len):
+    """Cut to max_len tokens, but never inside an image; a sample left with no answer is rejected."""
+    if len(ids) <= max_len:
+        return ids, sup
+    if (ids[:max_len] == IMAGE_TOKEN_INDEX).sum() != (ids == IMAGE_TOKEN_INDEX).sum():
+        raise BadSample(f"too long ({len(ids)} tokens): a cut at {max_len} would cut into the image")
+    ids, sup = ids[:max_len], sup[:max_len]
+    if not sup.any():
+        raise BadSample(f"too long: no answer left within {max_len} tokens")
+    return ids, sup
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # (T,) int32, IMAGE_TOKEN_INDEX at image positions
+    supervised: np.ndarray  # (T,) bool: which positions are labels
+    image: str = None  # path of the image file, or None for text-only
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected a LLaVA-format list of samples") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a LLaVA-format list of samples")
+    return data
+
+
+def load_examples(path, image_folder, tokenizer, template, num_image_tokens, max_len, max_bad_fraction=0.05,
+                  supervise_all=False, keep_images=True, log=print):
+    """Read a LLaVA-format JSON file into Examples, skipping bad samples with one summary line.
+
+    keep_images=False drops each image placeholder and its file (text-only language modelling, stage 0).
+    Raises ValueError when more than max_bad_fraction of the samples are bad: that is a wrong path or format.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: choose one of {TEMPLATES}")
+    samples = read_json(path)
+    examples, bad = [], collections.Counter()
+    for sample in samples:
+        try:
+            conv = check_conversation(sample, template)
+            image = sample.get("image") if keep_images else None
+            if image is not None:
+                image = os.path.join(image_folder, image)
+                if not os.path.isfile(image):
+                    raise BadSample("image file missing")
+            pieces = render(conv, template)
+            if not keep_images:
+                pieces = [(text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, ""), s)
+                          for text, s in pieces]
+            ids, sup = truncate(*tokenize(pieces, tokenizer, num_image_tokens, supervise_all), max_len)
+            examples.append(Example(ids, sup, image))
+        except BadSample as e:
+            bad[str(e).split(" (")[0].split(":")[0]] += 1
+    n_bad = sum(bad.values())
+    if n_bad:
+        log(f"{path}: skipped {n_bad} of {len(samples)} samples ("
+            + ", ".join(f"{n} {reason}" for reason, n in bad.most_common()) + ")")
+    if not samples or n_bad > max_bad_fraction * len(samples):
+        raise ValueError(f"{path}: {n_bad} of {len(samples)} samples are unusable, more than max_bad_fraction="
+                         f"{max_bad_fraction}; check the file and --image_folder")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Batching
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, used by LLaVA's image processor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path, size):
+    """RGB, resized to size x size, normalised: (3, size, size) float32. Raises OSError if unreadable.
+
+    LLaVA-1.5 pads non-square images to a square before resizing; our scenes are square, and real images are
+    simply resized (stretched).
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64, padded with the pad id; IMAGE_TOKEN_INDEX at image positions
+    labels: torch.Tensor  # (B, T) int64, IGNORE_INDEX where unsupervised (prompt, image, padding)
+    attention_mask: torch.Tensor  # (B, T) bool, False at padding (right-padded)
+    images: torch.Tensor = None  # (n, 3, H, W) in the order the images appear, or None
+    skipped: int = 0  # samples dropped from this batch because their image could not be read
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.images),
+                     self.skipped)
+
+    @property
+    def num_tokens(self):
+        return int(self.attention_mask.sum())
+
+
+class Batches:
+    """A deterministic, resumable stream of batches over a list of Examples.
+
+    Epoch e visits the examples in the order of torch.randperm with seed (seed, e); batch b of the epoch is the
+    b-th slice of batch_size (a final incomplete slice is dropped). So the data position is just the number of
+    batches consumed, and resuming at step s reproduces exactly the batches an uninterrupted run would see.
+    An image that cannot be read drops its sample from the batch, counted in Batch.skipped (never a crash).
+    """
+
+    def __init__(self, examples, batch_size, image_size, pad_id, seed=0, cache_images=False):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+        self.examples, self.batch_size, self.image_size = examples, batch_size, image_size
+        self.pad_id, self.seed = pad_id, seed
+        self.cache = {} if cache_images else None
+        self.per_epoch = len(examples) // batch_size
+
+    def indices(self, step):
+        epoch, b = divmod(step, self.per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch))
+        return order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def image(self, path):
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        x = load_image(path, self.image_size)
+        if self.cache is not None:
+            self.cache[path] = x
+        return x
+
+    def in_order(self, b):
+        """Batch b in the file's order (validation: always the same batches)."""
+        return self.collate(self.examples[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def __getitem__(self, step):
+        return self.collate([self.examples[i] for i in self.indices(step)])
+
+    def collate(self, examples):
+        kept, images, skipped = [], [], 0
+        for ex in examples:
+            if ex.image is not None:
+                try:
+                    images.append(self.image(ex.image))
+                except (OSError, ValueError, SyntaxError) as e:
+                    print(f"skipping a sample: its image {ex.image} cannot be read ({e})", file=sys.stderr)
+                    skipped += 1
+                    continue
+            kept.append(ex)
+        if not kept:
+            raise RuntimeError("every image of a batch was unreadable; check --image_folder")
+        T = max(len(ex.ids) for ex in kept)
+        input_ids = torch.full((len(kept), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(kept), T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(len(kept), T, dtype=torch.bool)
+        for row, ex in enumerate(kept):
+            n = len(ex.ids)
+            ids = torch.from_numpy(ex.ids.astype(np.int64))
+            input_ids[row, :n] = ids
+            labels[row, :n] = ids.masked_fill(~torch.from_numpy(ex.supervised), IGNORE_INDEX)
+            mask[row, :n] = True
+        return Batch(input_ids, labels, mask, torch.stack(images) if images else None, skipped)
+
+
+def prompt_batch(prompts, pad_id):
+    """Left-pad token-id prompts for batched generation: (B, T) ids and a (B, T) bool mask of real tokens."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        mask[row, T - len(p):] = True
+    return ids, mask
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write the built-in data set (scenes, LLaVA-format JSON, tokenizer).")
+    parser.add_argument("--out", default="data/builtin", help="folder to write into (default: data/builtin)")
+    for name, default in asdict(BuiltinConfig()).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    args = parser.parse_args()
+    config = BuiltinConfig(**{k: getattr(args, k) for k in asdict(BuiltinConfig())})
+    generate_builtin(args.out, config)
+    tok = load_tokenizer("builtin", args.out)
+    sizes = {s: len(read_json(os.path.join(args.out, f"instruct_{s}.json"))) for s in ("train", "val", "test")}
+    print(f"wrote {args.out}: instruction samples {sizes}, tokenizer vocabulary {tok.vocab_size}")
+    sample = read_json(os.path.join(args.out, "instruct_train.json"))[0]
+    print("example:", json.dumps(sample)[:300])
+
+
+if __name__ == "__main__":
+    main()

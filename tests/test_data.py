@@ -1,0 +1,262 @@
+"""data.py: the built-in data set, the tokenizer, templates, loading with bad samples, batching."""
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+import tiktoken.load
+import torch
+
+import data as D
+import model
+
+SMALL = D.BuiltinConfig(n_train=40, n_val=12, n_test=12)
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("builtin"))
+    D.generate_builtin(path, SMALL, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(builtin):
+    return D.load_tokenizer("builtin", builtin)
+
+
+def write(tmp_path, name, obj):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_sentinels_agree_with_the_model():
+    assert D.IMAGE_TOKEN_INDEX == model.IMAGE_TOKEN_INDEX and D.IGNORE_INDEX == model.IGNORE_INDEX
+
+
+# --- the built-in data set
+
+
+def test_builtin_data_is_deterministic_for_a_seed(builtin, tmp_path):
+    D.generate_builtin(str(tmp_path / "again"), SMALL, progress=False)
+    names = ["instruct_train.json", "captions_val.json", "scenes_test.json", D.BUILTIN_TOKENIZER_FILE,
+             "images/train_00003.png"]
+    match, mismatch, errors = filecmp.cmpfiles(builtin, tmp_path / "again", names, shallow=False)
+    assert match == names, (mismatch, errors)
+    other = D.BuiltinConfig(seed=1, n_train=40, n_val=12, n_test=12)
+    D.generate_builtin(str(tmp_path / "other"), other, progress=False)
+    assert not filecmp.cmp(os.path.join(builtin, "instruct_train.json"), tmp_path / "other" / "instruct_train.json",
+                           shallow=False)
+
+
+def test_splits_share_no_scene(builtin):
+    scenes = {s: D.read_json(os.path.join(builtin, f"scenes_{s}.json")) for s in ("train", "val", "test")}
+    assert [len(v) for v in scenes.values()] == [SMALL.n_train, SMALL.n_val, SMALL.n_test]
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        for key in (lambda s: s["id"], lambda s: s["image"], D.scene_signature):
+            assert not {key(s) for s in scenes[a]} & {key(s) for s in scenes[b]}
+
+
+def test_builtin_files_are_llava_format(builtin):
+    for name in ("captions_train.json", "instruct_train.json"):
+        samples = D.read_json(os.path.join(builtin, name))
+        for s in samples:
+            conv = s["conversations"]
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert ("image" in s) == conv[0]["value"].startswith("<image>\n")
+            assert all("<image>" not in t["value"] for t in conv[1:])
+            if "image" in s:
+                assert os.path.isfile(os.path.join(builtin, s["image"]))
+    instruct = D.read_json(os.path.join(builtin, "instruct_train.json"))
+    text_only = [s for s in instruct if "image" not in s]
+    assert len(text_only) == round(SMALL.n_train * SMALL.text_only_fraction)
+    types = {t for s in instruct for t in s["question_types"]}
+    assert {"colour", "shape", "count", "position", "existence", "description", "text"} <= types
+    assert any(len(s["conversations"]) > 2 for s in instruct)  # some multi-turn
+
+
+def test_answers_describe_the_drawn_scene(builtin):
+    scene = D.read_json(os.path.join(builtin, "scenes_train.json"))[0]
+    image = np.asarray(D.Image.open(os.path.join(builtin, scene["image"])).convert("RGB"))
+    size = image.shape[0]
+    for o in scene["objects"]:  # the pixel at each object's centre has the object's colour
+        row, col = divmod(o["cell"], 3)
+        x = int((col + 0.5 + 3 * o["jitter"][0]) * size / 3)
+        y = int((row + 0.5 + 3 * o["jitter"][1]) * size / 3)
+        assert tuple(image[y, x]) == D.COLOURS[o["colour"]]
+    qa = D.questions(scene, D.random.Random(0))
+    assert ("count", "How many objects are there?", str(len(scene["objects"]))) in qa
+
+
+def test_ensure_builtin_regenerates_only_for_a_different_config(builtin):
+    marker = os.path.join(builtin, "builtin.json")
+    before = os.path.getmtime(marker)
+    D.ensure_builtin(builtin, SMALL, progress=False)
+    assert os.path.getmtime(marker) == before
+
+
+# --- tokenizer
+
+
+def test_builtin_tokenizer_round_trips_and_has_the_special_tokens(builtin, tok):
+    text = D.CHAT_SYSTEM + " USER: What colour is the circle? ASSISTANT: red<|endoftext|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids[-1] == tok.eos_id and tok.encode("<image>") == [tok.image_id]
+    assert len(tok.encode(" circle")) == 1  # frequent words became single tokens
+    assert len(tok.encode(D.CHAT_SYSTEM)) < 40  # the system prompt, seen in every sample, is compact
+    assert tok.decode(tok.encode("zebra ünïcode 12")) == "zebra ünïcode 12"  # unseen text still encodes (bytes)
+    # the file is in tiktoken's own format
+    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(builtin, D.BUILTIN_TOKENIZER_FILE))
+    assert ranks == D.load_bpe(os.path.join(builtin, D.BUILTIN_TOKENIZER_FILE))
+    assert tok.vocab_size == len(ranks) + 2
+
+
+def test_train_bpe_merges_the_most_frequent_pair_first():
+    ranks = D.train_bpe(["ab ab ab cd"], vocab_size=257)
+    assert len(ranks) == 257 and ranks[b"ab"] == 256
+    assert D.train_bpe(["abc"], vocab_size=1000).keys() == {bytes([b]) for b in range(256)}  # nothing repeats
+
+
+def test_named_encoding_that_cannot_load_fails_in_one_sentence(monkeypatch):
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="tiktoken encoding 'gpt2' could not be loaded.*--tokenizer=builtin"):
+        D.load_tokenizer("gpt2")
+
+
+def test_named_encoding_gets_the_image_placeholder(monkeypatch):
+    base = tiktoken.Encoding("fake", pat_str=D.PAT_STR, mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={"<|endoftext|>": 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
+    tok = D.load_tokenizer("fake")
+    assert tok.eos_id == 256 and tok.image_id == 257 and tok.vocab_size == 258
+
+
+def test_missing_builtin_tokenizer_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python data.py"):
+        D.load_tokenizer("builtin", str(tmp_path))
+
+
+# --- templates
+
+
+def conv(q, a, image=True):
+    return [{"from": "human", "value": ("<image>\n" if image else "") + q}, {"from": "gpt", "value": a}]
+
+
+def test_chat_template_supervises_only_the_answers(tok):
+    turns = conv("What colour is the circle?", "red") + [{"from": "human", "value": "How many?"},
+                                                        {"from": "gpt", "value": "2"}]
+    ids, sup = D.tokenize(D.render(turns, "chat"), tok, num_image_tokens=5)
+    assert tok.decode(ids[sup].tolist()) == " red<|endoftext|> 2<|endoftext|>"
+    assert (ids == D.IMAGE_TOKEN_INDEX).sum() == 5 and not sup[ids == D.IMAGE_TOKEN_INDEX].any()
+    assert tok.decode(ids.tolist()).startswith(D.CHAT_SYSTEM + " USER: \nWhat colour")
+    prompt, _ = D.tokenize(D.chat_prompt("What colour is the circle?"), tok, num_image_tokens=5)
+    assert np.array_equal(ids[:len(prompt)], prompt)  # generation starts exactly where the answer begins
+    assert not sup[:len(prompt)].any() and sup[len(prompt)]
+
+
+def test_plain_template_is_image_then_caption(tok):
+    ids, sup = D.tokenize(D.render(conv("Describe.", "A red circle."), "plain"), tok, num_image_tokens=4)
+    assert (ids[:4] == D.IMAGE_TOKEN_INDEX).all()
+    assert tok.decode(ids[4:].tolist()) == "A red circle.\n" and sup[4:].all() and not sup[:4].any()
+
+
+def test_truncation_never_cuts_an_image(tok):
+    ids, sup = D.tokenize(D.render(conv("Q?", "yes"), "chat"), tok, num_image_tokens=8)
+    start = int(np.argmax(ids == D.IMAGE_TOKEN_INDEX))
+    with pytest.raises(D.BadSample, match="cut into the image"):
+        D.truncate(ids, sup, start + 3)
+    with pytest.raises(D.BadSample, match="no answer left"):
+        D.truncate(ids, sup, start + 8 + 2)
+    short_ids, short_sup = D.truncate(ids, sup, len(ids) - 1)  # loses the end marker, keeps the answer
+    assert len(short_ids) == len(ids) - 1 and short_sup.any()
+
+
+# --- loading with bad samples
+
+
+def test_bad_samples_are_skipped_with_one_summary_line(builtin, tok, tmp_path):
+    good = D.read_json(os.path.join(builtin, "instruct_train.json"))[:20]
+    bad = [
+        {"id": "a", "image": "images/nope.png", "conversations": conv("Q?", "A")},  # missing image
+        {"id": "b", "conversations": [{"from": "human", "value": "Q?"}]},  # no answer
+        {"id": "c", "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]},
+        {"id": "d", "conversations": "not a list"},
+        {"id": "e", "conversations": conv("Q?", "   ", image=False)},  # empty answer
+        {"id": "f", "image": good[0].get("image") or "images/train_00000.png",
+         "conversations": conv("Q " * 400, "A")},  # too long
+    ]
+    lines = []
+    examples = D.load_examples(write(tmp_path, "mixed.json", good + bad), builtin, tok, "chat", 16, 128,
+                               max_bad_fraction=0.5, log=lines.append)
+    assert len(examples) == 20 and len(lines) == 1
+    assert "skipped 6 of 26 samples" in lines[0]
+    for reason in ("image file missing", "no answer", "turns do not alternate", "no conversations", "empty answer",
+                   "too long"):
+        assert reason in lines[0]
+    with pytest.raises(ValueError, match="more than max_bad_fraction"):
+        D.load_examples(write(tmp_path, "bad.json", good[:5] + bad), builtin, tok, "chat", 16, 128, log=lines.append)
+
+
+def test_malformed_files_stop_at_load_time(builtin, tok, tmp_path):
+    with pytest.raises(ValueError, match=r"broken.json is not valid JSON"):
+        D.load_examples(write(tmp_path, "broken.json", '[{"id": 1,'), builtin, tok, "chat", 16, 128)
+    with pytest.raises(ValueError, match="holds a JSON dict; expected a LLaVA-format list"):
+        D.load_examples(write(tmp_path, "dict.json", {"id": 1}), builtin, tok, "chat", 16, 128)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_examples(str(tmp_path / "absent.json"), builtin, tok, "chat", 16, 128)
+
+
+def test_image_placeholder_is_added_when_llava_data_omits_it(builtin, tok, tmp_path):
+    sample = {"id": "x", "image": "images/train_00000.png", "conversations": conv("Q?", "A", image=False)}
+    [ex] = D.load_examples(write(tmp_path, "s.json", [sample]), builtin, tok, "chat", 16, 128)
+    assert (ex.ids == D.IMAGE_TOKEN_INDEX).sum() == 16
+
+
+# --- batching
+
+
+def test_batches_pad_mask_and_label(builtin, tok):
+    examples = D.load_examples(os.path.join(builtin, "instruct_train.json"), builtin, tok, "chat", 16, 256)
+    batches = D.Batches(examples, 6, 32, tok.eos_id, seed=3)
+    b = batches[0]
+    lengths = b.attention_mask.sum(1)
+    assert b.input_ids.shape == (6, int(lengths.max()))
+    for row, i in enumerate(batches.indices(0)):
+        n = len(examples[i].ids)
+        assert lengths[row] == n and b.attention_mask[row, :n].all()  # right padding
+        assert (b.labels[row, n:] == D.IGNORE_INDEX).all() and (b.input_ids[row, n:] == tok.eos_id).all()
+        expected = np.where(examples[i].supervised, examples[i].ids, D.IGNORE_INDEX)
+        assert torch.equal(b.labels[row, :n], torch.from_numpy(expected.astype(np.int64)))
+    n_images = sum(examples[i].image is not None for i in batches.indices(0))
+    assert (0 if b.images is None else b.images.shape[0]) == n_images
+    assert (b.input_ids == D.IMAGE_TOKEN_INDEX).sum() == 16 * n_images
+
+
+def test_batch_order_is_deterministic_and_each_epoch_a_permutation(builtin, tok):
+    examples = D.load_examples(os.path.join(builtin, "captions_train.json"), builtin, tok, "plain", 4, 64)
+    a, b = D.Batches(examples, 8, 16, 0, seed=1), D.Batches(examples, 8, 16, 0, seed=1)
+    assert torch.equal(a[7].input_ids, b[7].input_ids)  # a fresh stream at step 7 = the same data position
+    epoch = sum((a.indices(s) for s in range(a.per_epoch)), [])
+    assert len(set(epoch)) == len(epoch) == a.per_epoch * 8  # no example twice within an epoch
+    assert a.indices(0) != a.indices(a.per_epoch)  # reshuffled each epoch
+
+
+def test_an_unreadable_image_drops_its_sample_not_the_run(builtin, tok, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"not a png")
+    good = D.read_json(os.path.join(builtin, "captions_train.json"))[:3]
+    for s in good:
+        os.link(os.path.join(builtin, s["image"]), tmp_path / s["image"].replace("images/", "images/g_"))
+        s["image"] = s["image"].replace("images/", "images/g_")
+    samples = good + [{"id": "bad", "image": "images/corrupt.png", "conversations": conv("Describe.", "Noise.")}]
+    examples = D.load_examples(write(tmp_path, "c.json", samples), str(tmp_path), tok, "plain", 4, 64,
+                               max_bad_fraction=0.5)
+    batch = D.Batches(examples, 4, 16, 0).in_order(0)
+    assert batch.skipped == 1 and batch.input_ids.shape[0] == 3 and batch.images.shape == (3, 3, 16, 16)

@@ -1,0 +1,206 @@
+"""train.py: the stages end to end, what each stage trains, exact resume, checkpoints, the command line."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import data as D
+import train
+from model import VLM
+
+DATA = ["--data.n_train=48", "--data.n_val=16", "--data.n_test=8"]
+SMALLER = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
+           "--vision.width=64", "--vision.layers=2"]  # 16 image tokens: seconds per stage
+FAST = ["--batch_size=4", "--clip_batch_size=8", "--eval_batches=1", "--progress=false", "--routing_interval=1",
+        "--log_interval=1", *DATA]
+ARCH = SMALLER  # architecture options go to stage 0 only
+
+
+def run(out, *args, data_dir):
+    arch = ARCH if ("--stage", "0") == args[:2] or "all" in args else []
+    return train.main(["--out_dir", str(out), "--data_dir", data_dir, *FAST, *arch, *args])
+
+
+def load_state(out, stage):
+    return torch.load(os.path.join(out, f"stage{stage}", "ckpt.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One tiny `--stage all` run (2 steps per stage) that the tests below read or continue from."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data_dir = str(root / "data")
+    summary = run(root / "out", "--stage", "all", "--max_iters=2", data_dir=data_dir)
+    return root / "out", data_dir, summary
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_stage_all_writes_every_stage_and_upcycling_preserves_the_model(pipeline):
+    out, _, summary = pipeline
+    assert [m["stage"] for m in summary] == [0, 1, 2, 3] and all(m["done"] and m["step"] == 2 for m in summary)
+    for stage in range(4):
+        for name in ("ckpt.pt", "meta.json", "log.jsonl", D.BUILTIN_TOKENIZER_FILE):
+            assert os.path.isfile(out / f"stage{stage}" / name)
+    meta3 = summary[3]
+    assert meta3["model_config"]["llm"]["moe_layers"] == "sparse"
+    step0 = json.loads((out / "stage3" / "log.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0
+    # stage III at step 0 computes what stage II ended with: the upcycled layers equal the dense FFNs
+    assert step0["val_ce"] == pytest.approx(meta3["stage2_final_val_ce"], abs=1e-5)
+    assert step0["val_aux"] > 0
+
+
+def test_stage3_experts_start_as_copies_of_the_dense_ffn(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage2", tmp_path / "stage2")
+    run(tmp_path, "--stage", "3", "--max_iters=1", "--stage3_lr=0", "--train_projector_stage3=false",
+        data_dir=data_dir)  # lr 0: the checkpoint holds the model as upcycled
+    dense, moe = load_state(tmp_path, 2)["model"], load_state(tmp_path, 3)["model"]
+    moe_keys = [k for k in moe if ".experts." in k]
+    assert {k.split(".")[2] for k in moe_keys} == {"0", "2"}  # `sparse`: blocks 0 and 2 of 4
+    for k in moe_keys:
+        block, name = k.split(".")[2], k.split(".")[-1]
+        ffn = dense[f"llm.blocks.{block}.ffn.{name}.weight"]
+        assert all(torch.equal(expert, ffn) for expert in moe[k])
+    assert all(torch.equal(moe[k], dense[k]) for k in dense if k in moe)  # everything else unchanged
+
+
+def initial_state(stage, out):
+    """The model a stage starts from, rebuilt the way run_stage builds it (same seed, same order)."""
+    meta = json.loads((out / f"stage{stage}" / "meta.json").read_text())
+    torch.manual_seed(meta["train_config"]["seed"] + stage)
+    if stage == 0:
+        return VLM(train.vlm_config_from_dict(meta["model_config"])).state_dict()
+    prev = json.loads((out / f"stage{stage - 1}" / "meta.json").read_text())
+    vlm = VLM(train.vlm_config_from_dict(prev["model_config"]))
+    vlm.load_state_dict(load_state(out, stage - 1)["model"])
+    if stage == 3:
+        vlm.upcycle_to_moe("sparse", train.vlm_config_from_dict(meta["model_config"]).llm.moe)
+    return vlm.state_dict()
+
+
+@pytest.mark.parametrize("stage, extra, trained", [
+    (0, [], r"(vision|llm)\."),  # the projector waits for stage I
+    (1, [], r"projector\."),
+    (2, [], r"(llm|projector)\."),
+    (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
+    (3, ["--train_projector_stage3=false"], r"llm\.blocks\.\d+\.ffn\.(experts|router)"),
+])
+def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, extra, trained):
+    out, data_dir, _ = pipeline
+    if stage > 0:
+        shutil.copytree(out / f"stage{stage - 1}", tmp_path / f"stage{stage - 1}")
+    run(tmp_path, "--stage", str(stage), "--max_iters=2", *extra, data_dir=data_dir)
+    before, after = initial_state(stage, tmp_path), load_state(tmp_path, stage)["model"]
+    assert before.keys() == after.keys()
+    moved = changed(before, after)
+    for k in after:
+        should = re.match(trained, k) is not None
+        assert (k in moved) == should, f"stage {stage}: {k} {'did not change' if should else 'changed'}"
+
+
+def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    for name in ("straight", "resumed"):
+        shutil.copytree(out / "stage1", tmp_path / name / "stage1")
+    args = ["--stage", "2", "--stage2_iters=5", "--ckpt_interval=100"]
+    run(tmp_path / "straight", *args, data_dir=data_dir)
+    run(tmp_path / "resumed", *args, "--stop_after=2", data_dir=data_dir)
+    assert load_state(tmp_path / "resumed", 2)["meta"].count('"done": false') == 1
+    run(tmp_path / "resumed", *args, "--resume", data_dir=data_dir)
+    a, b = load_state(tmp_path / "straight", 2), load_state(tmp_path / "resumed", 2)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log = lambda p: [json.loads(x) for x in (p / "stage2" / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in log(tmp_path / "straight")] == [r["step"] for r in log(tmp_path / "resumed")]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    real = train.vlm_loss
+    calls = []
+
+    def poisoned(vlm, batch, device):
+        losses, routing = real(vlm, batch, device)
+        calls.append(vlm.training)
+        if sum(calls) == 3:  # the third training step
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses, routing
+
+    monkeypatch.setattr(train, "vlm_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss became nan at step 2.*still holds the last good state"):
+        run(tmp_path, "--stage", "2", "--stage2_iters=5", "--ckpt_interval=1", data_dir=data_dir)
+    state = load_state(tmp_path, 2)
+    meta = json.loads(state["meta"])
+    assert meta["step"] == 2 and not meta["done"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_stage3_without_stage2_names_the_path_and_the_command(tmp_path, pipeline):
+    _, data_dir, _ = pipeline
+    with pytest.raises(SystemExit, match=r"stage2[/\\]ckpt.pt does not exist: run `python train.py --stage 2"):
+        run(tmp_path, "--stage", "3", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "2", "--no_such_option=1"], "unrecognized arguments: --no_such_option=1"),
+    (["--stage", "2", "--batch_size=many"], "argument --batch_size: invalid int value: 'many'"),
+    (["--stage", "2", "--resume=perhaps"], "expected true or false"),
+    (["--stage", "5"], "invalid choice: '5'"),
+    (["--stage", "2", "--moe.top_kk=1"], "unrecognized arguments"),
+])
+def test_command_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_command_line_sets_nested_fields_with_types():
+    stages, config, nested = train.parse_args(["--stage", "all", "--batch_size=3", "--moe.top_k", "1",
+                                               "--moe.capacity_factor=2", "--llm.dim=64", "--progress=no"])
+    assert stages == [0, 1, 2, 3] and config.batch_size == 3 and config.progress is False
+    assert nested["moe"] == {"top_k": 1, "capacity_factor": 2.0} and nested["llm"] == {"dim": 64}
+    with pytest.raises(SystemExit, match="--preset=huge is not one of"):
+        train.parse_args(["--stage", "1", "--preset=huge"])
+
+
+def test_architecture_options_after_stage0_are_an_error(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    with pytest.raises(SystemExit, match="shape the model at stage 0 only"):
+        run(tmp_path, "--stage", "2", "--max_iters=1", "--llm.dim=96", data_dir=data_dir)
+
+
+def test_stage3_log_counts_every_real_token_k_times(pipeline):
+    out, _, _ = pipeline
+    records = [json.loads(x) for x in (out / "stage3" / "log.jsonl").read_text().splitlines()]
+    routing = [r for r in records if "routing" in r]
+    assert routing and [layer["layer"] for layer in routing[0]["routing"]] == [0, 2]
+    for layer in routing[0]["routing"]:
+        text, image = layer["topk_text_image"]
+        top1_text, top1_image = layer["top1_text_image"]
+        assert sum(text) + sum(image) == 2 * (sum(top1_text) + sum(top1_image))  # k = 2 choices per token
+        assert sum(image) % 16 == 0  # whole images of 16 patch tokens
+
+
+def test_user_data_with_bad_samples_trains_and_reports_them(pipeline, tmp_path, capsys):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    samples = D.read_json(os.path.join(data_dir, "instruct_train.json"))
+    samples.append({"id": "gone", "image": "images/missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]})
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(samples))
+    run(tmp_path, "--stage", "2", "--max_iters=1", f"--data_path={path}", f"--image_folder={data_dir}",
+        data_dir=data_dir)
+    captured = capsys.readouterr().out
+    assert "skipped 1 of" in captured and "1 image file missing" in captured

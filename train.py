@@ -1,0 +1,643 @@
+"""
+train.py -- MoE-Tuning: the stages that turn a ViT and a small LLM into a sparse vision-language model.
+
+    python train.py --stage all                 # stages 0 -> I -> II -> III on the built-in data (tiny preset)
+    python train.py --stage 3                   # only stage III, from {out_dir}/stage2/
+    python train.py --stage 2 --resume          # continue an interrupted stage II exactly where it stopped
+    python train.py --stage 3 --moe.num_experts=8 --moe.top_k=1 --moe_layers=dense   # any config field
+    python train.py --help                      # every option, with its default
+
+The stages (MoE-LLaVA, arXiv 2401.15947, section 3.2 and Fig. 3; their table is in ../shared/REFERENCE.md):
+  stage 0   ours, because no pretrained weights can be downloaded here: pretrain the backbones from scratch --
+            the ViT CLIP-style (contrastive image-caption loss against a small text tower, vision.CLIPHead) and
+            the LLM by next-token prediction on the built-in text. With real pretrained backbones (a CLIP ViT,
+            Phi-2 or Qwen) this stage is skipped.
+  stage I   the projector only (ViT and LLM frozen) on image-caption pairs, `plain` template, lr 1e-3:
+            the LLM learns to read image features.
+  stage II  the LLM and the projector (ViT frozen) on instruction conversations, chat template.
+  stage III each FFN of the chosen layers (default `sparse`: every other one) becomes an MoE layer whose 4 experts
+            start as copies of it (sparse upcycling); the experts and routers train (and the projector, as in the
+            official code; --train_projector_stage3=false freezes it). Loss = CE + 0.01 * sum of balancing losses.
+
+Each stage reads {out_dir}/stage{N-1}/ckpt.pt and writes {out_dir}/stage{N}/: ckpt.pt (model, optimizer, RNG, and
+the metadata as JSON), meta.json (a readable copy of the metadata), log.jsonl, and the tokenizer.
+Devices: CUDA (bf16 autocast) when present, else CPU in fp32; --device=cpu forces the CPU.
+
+Structure: configuration -> command line -> data per stage -> model per stage (which parameters train) ->
+checkpoints -> the loop (one for all stages) -> main.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import inspect
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+import data as D
+from model import PRESETS, VLM, LLMConfig, VLMConfig, lm_loss, moe_layer_indices, param_counts
+from moe import MoEConfig, MoELayer
+from vision import CLIPHead, ViTConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: every default lives here; the command line overrides any field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"  # model size: tiny (CPU, minutes) or small (one GPU)
+    out_dir: str = "out"  # stage N writes {out_dir}/stage{N}/
+    data_dir: str = "data/builtin"  # the built-in data set; written there on first use
+    data_path: str = ""  # a LLaVA-format JSON to train this stage on instead of the built-in data
+    val_data_path: str = ""  # its validation file (without one, validation is skipped for user data)
+    image_folder: str = ""  # where the JSON's image paths are relative to (default: data_dir)
+    tokenizer: str = "builtin"  # builtin (learned from the built-in corpus) or a tiktoken name: gpt2, cl100k_base
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if available, else cpu
+    compile: bool = False  # torch.compile the model's forward
+    batch_size: int = 16  # samples per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    clip_batch_size: int = 32  # stage 0: image-caption pairs per contrastive batch (negatives come from the batch)
+    stage0_iters: int = 600  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
+    stage1_iters: int = 300
+    stage2_iters: int = 1500
+    stage3_iters: int = 600
+    stage0_lr: float = 1e-3
+    stage1_lr: float = 1e-3  # MoE-LLaVA stage I
+    stage2_lr: float = 1e-3  # MoE-LLaVA uses 2e-5 on pretrained billion-parameter LLMs; ours is small and young
+    stage3_lr: float = 2e-4  # experts start trained, so a lower peak than stage II
+    warmup_frac: float = 0.03  # linear warmup over this fraction of a stage, then cosine decay to 0 (MoE-LLaVA)
+    weight_decay: float = 0.0  # MoE-LLaVA uses none
+    grad_clip: float = 1.0
+    max_iters: int = 0  # if > 0, caps every stage's steps (smoke runs)
+    stop_after: int = 0  # if > 0, stop this run after that many steps of the stage, with a checkpoint; --resume goes on
+    eval_interval: int = 200  # steps between validation passes (also at the first and the last step)
+    eval_batches: int = 8  # batches per validation pass
+    log_interval: int = 10  # steps between log.jsonl lines
+    routing_interval: int = 50  # steps between per-expert token counts in stage III's log
+    ckpt_interval: int = 200  # steps between checkpoints (also at the end)
+    moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
+    train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
+    max_bad_fraction: float = 0.05  # more bad samples than this stops at load time
+    resume: bool = False  # continue the stage from its own checkpoint
+    progress: bool = True  # show a progress bar
+
+
+TRAIN_PRESETS = {
+    "tiny": TrainConfig(),
+    # sized for one GPU by arithmetic, not yet measured on one
+    "small": TrainConfig(preset="small", batch_size=32, clip_batch_size=256, stage0_iters=3000, stage1_iters=500,
+                         stage2_iters=3000, stage3_iters=1500, stage0_lr=6e-4, stage2_lr=3e-4, stage3_lr=1e-4,
+                         eval_interval=500, ckpt_interval=500),
+}
+STAGES = (0, 1, 2, 3)
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: --stage, then any TrainConfig field as --name=value, and --llm.X / --vision.X / --moe.X /
+# --data.X for the model's and the built-in data set's config fields.
+
+NESTED = {"llm": LLMConfig, "vision": ViTConfig, "moe": MoEConfig, "data": D.BuiltinConfig}
+NOT_OPTIONS = {"llm.vocab_size", "llm.moe_layers"}  # set by the tokenizer, and by --moe_layers at stage III
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_field(parser, name, f, help):
+    """--name=value with the field's type; a bool may also be given as a bare flag (--resume)."""
+    kind = type(f.default)
+    extra = {"nargs": "?", "const": True} if kind is bool else {}
+    parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, dest=name,
+                        metavar=kind.__name__.upper(), help=help, **extra)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Options are type-checked; an unknown option is an error.")
+    p.add_argument("--stage", required=True, choices=["0", "1", "2", "3", "all"], help="which stage to run")
+    helps = field_help(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        add_field(p, f.name, f, f"{helps.get(f.name, '')} (default {f.default!r})")
+    p.add_argument("--projector", choices=["linear", "mlp2x_gelu"], default=None, help="stage 0: projector kind")
+    for prefix, cls in NESTED.items():
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f"{prefix}.{f.name}" in NOT_OPTIONS or f.default_factory is not dataclasses.MISSING:
+                continue
+            add_field(p, f"{prefix}.{f.name}", f, f"{helps.get(f.name, cls.__name__)} (default {f.default!r})")
+    return p
+
+
+def preset_of_previous_stage(out_dir, stage):
+    """Without --preset, stage N keeps the preset stage N-1 was trained with (its steps, batch and lr sizes)."""
+    path = os.path.join(out_dir, f"stage{stage - 1}", "meta.json")
+    if stage == 0 or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["train_config"]["preset"]
+
+
+def field_help(cls):
+    """Each field's help text is the comment beside it in the dataclass: one place documents a default."""
+    lines = inspect.getsource(cls).splitlines()
+    found = (re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def parse_args(argv):
+    """-> (stages to run, TrainConfig, {prefix: {field: value}} overrides of the nested configs)."""
+    args = vars(build_parser().parse_args(argv))
+    stage = args.pop("stage")
+    stages = list(STAGES) if stage == "all" else [int(stage)]
+    preset = args["preset"] or preset_of_previous_stage(args["out_dir"] or "out", stages[0]) or "tiny"
+    if preset not in TRAIN_PRESETS:
+        raise SystemExit(f"error: --preset={preset} is not one of {sorted(TRAIN_PRESETS)}")
+    given = {k: v for k, v in args.items() if v is not None and "." not in k and k != "projector"}
+    config = replace(TRAIN_PRESETS[preset], **given)
+    nested = {prefix: {} for prefix in NESTED}
+    for key, value in args.items():
+        if "." in key and value is not None:
+            prefix, name = key.split(".")
+            nested[prefix][name] = value
+    if args["projector"]:
+        nested["projector"] = args["projector"]
+    if config.data_path and len(stages) > 1:
+        raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
+    return stages, config, nested
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data per stage
+
+
+def print0(*args, **kwargs):
+    print(*args, **kwargs, flush=True)
+
+
+def stage_dir(config, stage):
+    return os.path.join(config.out_dir, f"stage{stage}")
+
+
+def load_stage_data(stage, config, tokenizer, vlm_config, split):
+    """The Examples a stage trains (split='train') or validates (split='val') on; None if there is no such set.
+
+    stage 0: (image-caption pairs for CLIP, text for the LLM); stage I: captions, `plain`; II-III: instructions, chat.
+    """
+    user_file = config.data_path if split == "train" else config.val_data_path
+    if config.data_path and not user_file:
+        return None
+    folder = config.image_folder or config.data_dir
+    default = "captions" if stage <= 1 else "instruct"
+    path = user_file or os.path.join(config.data_dir, f"{default}_{split}.json")
+    max_len = vlm_config.llm.max_seq_len
+    load = lambda path, **kw: D.load_examples(path, folder, tokenizer, max_len=max_len,  # noqa: E731
+                                              max_bad_fraction=config.max_bad_fraction, **kw)
+    if stage == 0:
+        # CLIP reads the caption alone (the image goes to the ViT, not into the text): no image tokens
+        pairs = load(path, template="plain", num_image_tokens=0)
+        # the LLM learns language from every text of the stage II data (or the user's file), images left out
+        text_path = user_file or os.path.join(config.data_dir, f"instruct_{split}.json")
+        text = load(text_path, template="chat", num_image_tokens=0, supervise_all=True, keep_images=False)
+        return pairs, text
+    template = "plain" if stage == 1 else "chat"
+    return load(path, template=template, num_image_tokens=vlm_config.vision.num_patches)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model per stage, and which of its parameters train: MoE-Tuning is mostly a matter of freezing
+
+
+def vlm_config_from_dict(d):
+    llm = dict(d["llm"], moe=MoEConfig(**d["llm"]["moe"]))
+    return VLMConfig(vision=ViTConfig(**d["vision"]), llm=LLMConfig(**llm), projector=d["projector"])
+
+
+def initial_vlm_config(config, nested, tokenizer):
+    """Stage 0 builds the model from the preset, the tokenizer's vocabulary and any --llm./--vision. overrides."""
+    base = PRESETS[config.preset]
+    try:
+        return VLMConfig(vision=replace(base.vision, **nested["vision"]),
+                         llm=replace(base.llm, vocab_size=tokenizer.vocab_size, **nested["llm"]),
+                         projector=nested.get("projector", base.projector))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def set_trainable(stage, vlm, config):
+    """Freeze everything, then unfreeze what this stage trains (MoE-LLaVA Fig. 3). Returns the trained names."""
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    if stage == 0:
+        trained = [vlm.vision, vlm.llm]  # the projector waits for stage I
+    elif stage == 1:
+        trained = [vlm.projector]
+    elif stage == 2:
+        trained = [vlm.llm, vlm.projector]
+    else:
+        trained = [m for m in vlm.llm.modules() if isinstance(m, MoELayer)]  # experts and routers
+        if config.train_projector_stage3:
+            trained.append(vlm.projector)
+    for module in trained:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return [n for n, p in vlm.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: one file, written atomically; the metadata inside it is the truth, meta.json a readable copy
+
+
+def save_checkpoint(directory, model_state, optimizer, meta, extra=None):
+    os.makedirs(directory, exist_ok=True)
+    state = {"model": model_state, "optimizer": optimizer.state_dict(), "meta": json.dumps(meta),
+             "rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    if extra:
+        state.update(extra)
+    path = os.path.join(directory, "ckpt.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint whole
+    D.write_json(os.path.join(directory, "meta.json"), meta)
+
+
+def load_checkpoint(directory, what="checkpoint", make=None):
+    """The checkpoint dict (meta parsed). A missing file stops with the command that makes it."""
+    path = os.path.join(directory, "ckpt.pt")
+    if not os.path.exists(path):
+        hint = f": run `{make}` first" if make else ""
+        raise SystemExit(f"error: {what} {path} does not exist{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from None
+    state["meta"] = json.loads(state["meta"])
+    return state
+
+
+def save_tokenizer(tokenizer, config, directory):
+    """A checkpoint folder is self-contained: the built-in BPE file travels with it."""
+    if tokenizer.name == "builtin":
+        shutil.copyfile(os.path.join(config.data_dir, D.BUILTIN_TOKENIZER_FILE),
+                        os.path.join(directory, D.BUILTIN_TOKENIZER_FILE))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: one for every stage
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(step, total, peak, warmup_frac):
+    """Linear warmup, then cosine decay to 0 (MoE-LLaVA's schedule: warmup ratio 0.03, cosine)."""
+    warmup = max(1, math.ceil(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the routers stay fp32: moe.router_logits); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def stage0_loss(vlm, clip, pairs, text, device):
+    """Contrastive image-caption loss for the ViT + next-token loss for the LLM: the backbones, from scratch."""
+    with autocast(device):
+        contrastive = clip(vlm.vision, pairs.images, pairs.input_ids, pairs.attention_mask)
+        lm = lm_loss(vlm.llm(text.input_ids, attention_mask=text.attention_mask).logits, text.labels)
+    return {"loss": contrastive + lm, "clip": contrastive, "lm": lm}, None
+
+
+def vlm_loss(vlm, batch, device):
+    with autocast(device):
+        out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
+    return {"loss": out.loss, "ce": out.ce_loss, "aux": out.aux_loss}, out.routing
+
+
+def step_loss(stage, model, clip, batches, step, micro, config, device):
+    """The loss of micro-batch `micro` of optimizer step `step` (batch index step * grad_accum + micro)."""
+    index = step * config.grad_accum + micro
+    if stage == 0:
+        pairs_batches, text_batches = batches
+        pairs, text = pairs_batches[index].to(device), text_batches[index].to(device)
+        losses, routing = stage0_loss(model, clip, pairs, text, device)
+        return losses, routing, text.num_tokens
+    batch = batches[index].to(device)
+    losses, routing = vlm_loss(model, batch, device)
+    return losses, routing, batch.num_tokens
+
+
+@torch.no_grad()
+def validate(stage, vlm, clip, val_batches, config, device):
+    """Mean losses over the first eval_batches validation batches, in eval mode (evaluation capacity)."""
+    if val_batches is None:
+        return {}
+    vlm.eval()
+    clip is not None and clip.eval()
+    totals = {}
+    n = min(config.eval_batches, (val_batches[0] if stage == 0 else val_batches).per_epoch)
+    for i in range(n):
+        if stage == 0:
+            losses, _ = stage0_loss(vlm, clip, val_batches[0].in_order(i).to(device),
+                                    val_batches[1].in_order(i).to(device), device)
+        else:
+            losses, _ = vlm_loss(vlm, val_batches.in_order(i).to(device), device)
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / n
+    vlm.train()
+    clip is not None and clip.train()
+    return {f"val_{k}": v for k, v in totals.items()}
+
+
+@torch.no_grad()
+def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, log=print0):
+    """A quick look at what the model answers: the first question of n validation conversations, greedy, with the
+    exact-match rate (case and a final period ignored). eval.py measures properly; this shows a stage learned."""
+    samples = [s for s in D.read_json(path)[:n] if "conversations" in s and len(s["conversations"]) >= 2]
+    folder = config.image_folder or config.data_dir
+    prompts, images, refs, questions = [], [], [], []
+    for s in samples:
+        question = s["conversations"][0]["value"].replace(D.IMAGE_PLACEHOLDER, "").strip()
+        image = s.get("image")
+        try:
+            if image is not None:
+                images.append(D.load_image(os.path.join(folder, image), vlm.config.vision.image_size))
+        except OSError:
+            continue
+        ids, _ = D.tokenize(D.chat_prompt(question, image is not None), tokenizer, vlm.num_image_tokens)
+        prompts.append(ids)
+        refs.append(s["conversations"][1]["value"])
+        questions.append(question)
+    if not prompts:
+        return None
+    vlm.eval()
+    answers = []
+    for i in range(0, len(prompts), 32):
+        chunk = prompts[i:i + 32]
+        n_images = sum(int((p == D.IMAGE_TOKEN_INDEX).any()) for p in chunk)
+        first = sum(int((p == D.IMAGE_TOKEN_INDEX).any()) for p in prompts[:i])
+        ids, mask = D.prompt_batch(chunk, tokenizer.eos_id)
+        pix = torch.stack(images[first:first + n_images]).to(device) if n_images else None
+        with autocast(device):
+            out = vlm.generate(ids.to(device), pix, mask.to(device), max_new_tokens=16, eos_id=tokenizer.eos_id)
+        answers += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.tolist()]
+    vlm.train()
+    norm = lambda a: a.strip().lower().rstrip(".")  # noqa: E731
+    match = sum(norm(a) == norm(r) for a, r in zip(answers, refs)) / len(refs)
+    for q, a, r in list(zip(questions, answers, refs))[:show]:
+        log(f"  Q: {q}  A: {a!r}  (reference {r!r})")
+    log(f"  exact match on the first question of {len(refs)} validation conversations: {100 * match:.1f}%")
+    return match
+
+
+def routing_record(vlm, routing):
+    layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    return [{"layer": i, "topk_text_image": s.expert_counts.tolist(), "top1_text_image": s.top1_counts.tolist(),
+             "dropped": int(s.dropped)} for i, s in zip(layers, routing)]
+
+
+def run_stage(stage, config, nested, log=print0):
+    """Train one stage; returns its final metadata. Raises SystemExit for user errors, NonFiniteLoss on NaN/inf."""
+    torch.manual_seed(config.seed + stage)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    out = stage_dir(config, stage)
+    previous = stage_dir(config, stage - 1)
+    make_previous = f"python train.py --stage {stage - 1} --out_dir {config.out_dir}"
+
+    # 1. the model: stage 0 builds it; later stages read the previous stage's (or, resuming, their own) checkpoint
+    own = load_checkpoint(out) if config.resume and os.path.exists(os.path.join(out, "ckpt.pt")) else None
+    prev = None
+    if stage > 0:
+        prev = load_checkpoint(previous, f"stage {stage}'s input, the stage-{stage - 1} checkpoint", make_previous)
+    if own is not None:
+        tokenizer_name = own["meta"]["tokenizer"]
+    else:
+        tokenizer_name = prev["meta"]["tokenizer"] if prev else config.tokenizer
+    token_dir = config.data_dir if own is None and prev is None else (out if own is not None else previous)
+    if not config.data_path or (tokenizer_name == "builtin" and token_dir == config.data_dir):
+        D.ensure_builtin(config.data_dir, D.BuiltinConfig(**nested["data"]), progress=config.progress)
+    try:
+        tokenizer = D.load_tokenizer(tokenizer_name, token_dir)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    if stage == 0 and own is None:
+        vlm_config = initial_vlm_config(config, nested, tokenizer)
+    else:
+        vlm_config = vlm_config_from_dict((own or prev)["meta"]["model_config"])
+        asked = replace(vlm_config, llm=replace(vlm_config.llm, **nested["llm"]),
+                        vision=replace(vlm_config.vision, **nested["vision"]),
+                        projector=nested.get("projector", vlm_config.projector))
+        if asked != vlm_config:  # (--stage all repeats stage 0's options, which then match)
+            raise SystemExit("error: --llm.*, --vision.* and --projector shape the model at stage 0 only; "
+                             f"stage {stage} takes the architecture from {previous}")
+    vlm = VLM(vlm_config)
+    clip = CLIPHead(tokenizer.vocab_size, vlm_config.llm.max_seq_len, vlm_config.vision) if stage == 0 else None
+    if prev is not None and own is None:
+        vlm.load_state_dict(prev["model"])
+    if stage == 3 and own is None:
+        moe_config = replace(vlm_config.llm.moe, **nested["moe"])
+        try:
+            vlm.upcycle_to_moe(config.moe_layers, moe_config)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        vlm_config = vlm.config
+    if own is not None:
+        vlm.load_state_dict(own["model"])
+        if clip is not None:
+            clip.load_state_dict(own["clip"])
+    vlm.to(device)
+    clip is not None and clip.to(device)
+    trained = set_trainable(stage, vlm, config)
+    counts = param_counts(vlm)
+    if clip is not None:
+        counts = {k: v + sum(p.numel() for p in clip.parameters()) for k, v in counts.items()}
+    log(f"stage {stage}: {counts['trainable'] / 1e6:.2f}M trainable / {counts['total'] / 1e6:.2f}M total / "
+        f"{counts['active'] / 1e6:.2f}M active per token ({len(trained)} tensors trained)" +
+        (" -- including CLIP's text tower" if clip is not None else ""))
+
+    # 2. the data
+    try:
+        train = load_stage_data(stage, config, tokenizer, vlm_config, "train")
+        val = load_stage_data(stage, config, tokenizer, vlm_config, "val")
+        make = lambda ex, bs: D.Batches(ex, bs, vlm_config.vision.image_size, tokenizer.eos_id,  # noqa: E731
+                                        seed=config.seed + stage, cache_images=not config.data_path)
+        if stage == 0:
+            train_batches = (make(train[0], config.clip_batch_size), make(train[1], config.batch_size))
+            val_batches = None if val is None else (make(val[0], config.clip_batch_size),
+                                                    make(val[1], config.batch_size))
+        else:
+            train_batches = make(train, config.batch_size)
+            val_batches = None if val is None else make(val, config.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    # 3. the optimizer gets exactly the parameters this stage trains
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    if clip is not None:
+        params += list(clip.parameters())
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+    iters = getattr(config, f"stage{stage}_iters")
+    if config.max_iters > 0:
+        iters = min(iters, config.max_iters)
+    peak_lr = getattr(config, f"stage{stage}_lr")
+    forward = torch.compile(vlm) if config.compile else vlm
+
+    meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
+            "model_config": asdict(vlm_config), "train_config": asdict(config), "counts": counts,
+            "val": {}, "elapsed_s": 0.0}
+    start = 0
+    log_path = os.path.join(out, "log.jsonl")
+    if own is not None:
+        if own["meta"]["iters"] != iters:
+            raise SystemExit(f"error: {out} was trained for {own['meta']['iters']} steps and this run asks for "
+                             f"{iters}; resume with the same --stage{stage}_iters / --max_iters")
+        optimizer.load_state_dict(own["optimizer"])
+        torch.set_rng_state(own["rng_cpu"])
+        if "rng_cuda" in own and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["rng_cuda"])
+        meta = own["meta"]
+        start = meta["step"]
+        if meta["done"]:
+            log(f"stage {stage}: already complete in {out} ({start} steps); nothing to resume")
+            return meta
+        log(f"stage {stage}: resuming at step {start} of {iters}")
+    os.makedirs(out, exist_ok=True)
+    save_tokenizer(tokenizer, config, out)
+    keep_log_lines(log_path, start)
+
+    def write_log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step, done=False):
+        meta.update(step=step, done=done, data_position={"batches_consumed": step * config.grad_accum})
+        extra = {"clip": clip.state_dict()} if clip is not None else None
+        save_checkpoint(out, vlm.state_dict(), optimizer, meta, extra)
+
+    # 4. the loop
+    from tqdm import tqdm
+    vlm.train()
+    bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not config.progress, dynamic_ncols=True)
+    stop = iters if config.stop_after <= 0 else min(iters, start + config.stop_after)
+    t_stage = time.time() - meta["elapsed_s"]
+    if start == 0:
+        metrics = validate(stage, forward, clip, val_batches, config, device)
+        if metrics:
+            meta["val"] = {"step": 0, **metrics}
+            write_log({"step": 0, **metrics})
+            line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            before = prev["meta"]["val"].get("val_ce") if stage == 3 else None
+            if before is not None:
+                meta["stage2_final_val_ce"] = before
+                line += f"  (stage II ended at val_ce {before:.4f}; upcycling must not change it)"
+            log(f"stage {stage} step 0: {line}")
+    for step in bar:
+        if step >= stop:
+            break
+        t0 = time.time()
+        lr = lr_at(step, iters, peak_lr, config.warmup_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums, tokens, routing = {}, 0, None
+        for micro in range(config.grad_accum):
+            losses, routing, n = step_loss(stage, forward, clip, train_batches, step, micro, config, device)
+            (losses["loss"] / config.grad_accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
+            tokens += n
+        if not math.isfinite(sums["loss"]):
+            bar.close()
+            raise NonFiniteLoss(f"stage {stage}: the loss became {sums['loss']} at step {step}; stopped without "
+                                f"saving, so {os.path.join(out, 'ckpt.pt')} still holds the last good state "
+                                f"(try a lower --stage{stage}_lr, then --resume)")
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        tok_s = tokens / max(time.time() - t0, 1e-9)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss" or stage == 0} |
+                        {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
+        if done % config.log_interval == 0 or done == iters:
+            write_log({"step": done, "lr": lr, "tok_per_s": round(tok_s), **sums})
+        if routing and (done % config.routing_interval == 0 or done == 1 or done == iters):
+            write_log({"step": done, "routing": routing_record(vlm, routing)})
+        if done % config.eval_interval == 0 or done == iters:
+            metrics = validate(stage, forward, clip, val_batches, config, device)
+            if metrics:
+                meta["val"] = {"step": done, **metrics}
+                write_log({"step": done, **metrics})
+                bar.write(f"stage {stage} step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        meta["elapsed_s"] = time.time() - t_stage
+        if done == iters and stage >= 2 and (config.val_data_path or not config.data_path):
+            bar.close()
+            path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")
+            meta["val_answer_match"] = answer_check(vlm, tokenizer, config, path, device, log=log)
+        if done % config.ckpt_interval == 0 or done == iters or done == stop:
+            checkpoint(done, done=done == iters)
+    bar.close()
+    if meta["step"] < iters:
+        log(f"stage {stage}: stopped after step {meta['step']} of {iters} (--stop_after); continue with --resume")
+    else:
+        log(f"stage {stage}: done in {meta['elapsed_s']:.0f} s; checkpoint {os.path.join(out, 'ckpt.pt')}")
+    return meta
+
+
+def keep_log_lines(path, upto_step):
+    """On resume, forget log lines written after the checkpoint, so the log reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    if upto_step == 0:
+        os.remove(path)
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= upto_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    stages, config, nested = parse_args(sys.argv[1:] if argv is None else argv)
+    summary = []
+    for stage in stages:
+        try:
+            meta = run_stage(stage, config, nested)
+        except NonFiniteLoss as e:
+            raise SystemExit(f"error: {e}") from None
+        summary.append(meta)
+        if not meta["done"]:
+            break
+    if len(summary) > 1:
+        print0("\nstage  steps  time (s)  validation (answers: exact match on the first question)")
+        for m in summary:
+            val = ", ".join(f"{k} {v:.4f}" for k, v in m["val"].items() if k != "step")
+            if m.get("val_answer_match") is not None:
+                val += f", answers {100 * m['val_answer_match']:.1f}%"
+            print0(f"{m['stage']:>5}  {m['step']:>5}  {m['elapsed_s']:>8.0f}  {val}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
