@@ -114,6 +114,10 @@ def describe(o):
     return f"{o['size']} {o['colour']} {o['shape']}"
 
 
+def plural(noun):
+    return noun + "es" if noun.endswith("s") else noun + "s"
+
+
 def where(position):
     return "in the center" if position == "center" else f"at the {position}"
 
@@ -133,7 +137,7 @@ def questions(scene, rng):
     qa = [("count", "How many objects are there?", str(len(objs))),
           ("description", rng.choice(CAPTION_PROMPTS), caption(scene))]
     shape = rng.choice(SHAPES)
-    qa.append(("count", f"How many {shape}s are there?", str(shape_n[shape])))
+    qa.append(("count", f"How many {plural(shape)} are there?", str(shape_n[shape])))
     for o in objs:
         if shape_n[o["shape"]] == 1:
             qa.append(("colour", f"What colour is the {o['shape']}?", o["colour"]))
@@ -328,7 +332,8 @@ class Tokenizer:
         return self.encoding.encode_single_token(IMAGE_PLACEHOLDER)
 
     def encode(self, text):
-        return self.encoding.encode(text, allowed_special=set(SPECIAL_TOKENS))
+        # our two special tokens are read as such; any other special token of a named encoding is plain text
+        return self.encoding.encode(text, allowed_special=set(SPECIAL_TOKENS), disallowed_special=())
 
     def decode(self, ids):
         return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
@@ -380,9 +385,9 @@ def render(conversations, template):
     """
     if template == "plain":
         return [(IMAGE_PLACEHOLDER, False), (conversations[1]["value"] + "\n", True)]
-    pieces = [(CHAT_SYSTEM, False)]
+    pieces = [(CHAT_SYSTEM + " ", False)]  # the official separators: " " after the system, END_OF_TEXT after answers
     for human, gpt in zip(conversations[0::2], conversations[1::2]):
-        pieces.append((f" USER: {human['value']} ASSISTANT:", False))
+        pieces.append((f"USER: {human['value']} ASSISTANT:", False))
         pieces.append((f" {gpt['value']}{END_OF_TEXT}", True))
     return pieces
 
@@ -414,6 +419,10 @@ class BadSample(ValueError):
     pass
 
 
+class EmptyBatch(RuntimeError):
+    """Every sample of a batch had an unreadable image; the training loop skips the batch."""
+
+
 def check_conversation(sample, template):
     """Raise BadSample(reason) if a sample cannot be trained on; returns its conversations."""
     conv = sample.get("conversations") if isinstance(sample, dict) else None
@@ -426,11 +435,15 @@ def check_conversation(sample, template):
     if not all(t["value"].strip() for t in conv[1::2]):
         raise BadSample("empty answer")
     n_images = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
-    has_image = sample.get("image") is not None
+    image = sample.get("image")
+    has_image = image is not None
+    if has_image and not isinstance(image, str):
+        raise BadSample("image is not a file name")
     if n_images > 1 or any(IMAGE_PLACEHOLDER in t["value"] for t in conv[1:]):
         raise BadSample("<image> outside the first question, or more than once")
-    if has_image and n_images == 0:  # LLaVA prepends the placeholder in that case; we do the same
-        conv = [{**conv[0], "value": f"{IMAGE_PLACEHOLDER}\n{conv[0]['value']}"}, *conv[1:]]
+    if has_image:  # LLaVA moves the placeholder to the front of the first question (or adds it there)
+        question = conv[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        conv = [{**conv[0], "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, *conv[1:]]
     if not has_image and n_images:
         raise BadSample("<image> in the text but no image file")
     if template == "plain" and (not has_image or len(conv) != 2):
@@ -502,8 +515,10 @@ def load_examples(path, image_folder, tokenizer, template, num_image_tokens, max
         log(f"{path}: skipped {n_bad} of {len(samples)} samples ("
             + ", ".join(f"{n} {reason}" for reason, n in bad.most_common()) + ")")
     if not samples or n_bad > max_bad_fraction * len(samples):
-        raise ValueError(f"{path}: {n_bad} of {len(samples)} samples are unusable, more than max_bad_fraction="
-                         f"{max_bad_fraction}; check the file and --image_folder")
+        reasons = ", ".join(f"{n} {reason}" for reason, n in bad.most_common(3))
+        raise ValueError(f"{path}: {n_bad} of {len(samples)} samples are unusable for the {template!r} template "
+                         f"({reasons}), more than max_bad_fraction={max_bad_fraction}; check the file, its "
+                         f"stage, and --image_folder")
     return examples
 
 
@@ -593,7 +608,7 @@ class Batches:
                     continue
             kept.append(ex)
         if not kept:
-            raise RuntimeError("every image of a batch was unreadable; check --image_folder")
+            raise EmptyBatch(f"all {len(examples)} images of a batch were unreadable; check --image_folder")
         T = max(len(ex.ids) for ex in kept)
         input_ids = torch.full((len(kept), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(kept), T), IGNORE_INDEX, dtype=torch.long)

@@ -34,7 +34,6 @@ import inspect
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -61,7 +60,7 @@ class TrainConfig:
     tokenizer: str = "builtin"  # builtin (learned from the built-in corpus) or a tiktoken name: gpt2, cl100k_base
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
-    compile: bool = False  # torch.compile the model's forward
+    compile: bool = False  # torch.compile the VLM's forward (stages I-III)
     batch_size: int = 16  # samples per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     clip_batch_size: int = 32  # stage 0: image-caption pairs per contrastive batch (negatives come from the batch)
@@ -98,6 +97,8 @@ TRAIN_PRESETS = {
                          eval_interval=500, ckpt_interval=500),
 }
 STAGES = (0, 1, 2, 3)
+# what decides the batches and the schedule: --resume continues a stage only if these are unchanged
+RESUME_MUST_MATCH = ("iters", "seed", "batch_size", "grad_accum", "clip_batch_size", "warmup_frac")
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line: --stage, then any TrainConfig field as --name=value, and --llm.X / --vision.X / --moe.X /
@@ -288,11 +289,10 @@ def load_checkpoint(directory, what="checkpoint", make=None):
     return state
 
 
-def save_tokenizer(tokenizer, config, directory):
-    """A checkpoint folder is self-contained: the built-in BPE file travels with it."""
+def save_tokenizer(tokenizer, directory):
+    """A checkpoint folder is self-contained: the built-in BPE (the one this model reads) is written into it."""
     if tokenizer.name == "builtin":
-        shutil.copyfile(os.path.join(config.data_dir, D.BUILTIN_TOKENIZER_FILE),
-                        os.path.join(directory, D.BUILTIN_TOKENIZER_FILE))
+        D.save_bpe(os.path.join(directory, D.BUILTIN_TOKENIZER_FILE), tokenizer.encoding._mergeable_ranks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,39 +353,45 @@ def validate(stage, vlm, clip, val_batches, config, device):
         return {}
     vlm.eval()
     clip is not None and clip.eval()
-    totals = {}
-    n = min(config.eval_batches, (val_batches[0] if stage == 0 else val_batches).per_epoch)
-    for i in range(n):
-        if stage == 0:
-            losses, _ = stage0_loss(vlm, clip, val_batches[0].in_order(i).to(device),
-                                    val_batches[1].in_order(i).to(device), device)
-        else:
-            losses, _ = vlm_loss(vlm, val_batches.in_order(i).to(device), device)
+    sets = val_batches if stage == 0 else (val_batches,)
+    totals, used = {}, 0
+    for i in range(min(config.eval_batches, *(s.per_epoch for s in sets))):
+        try:
+            if stage == 0:
+                losses, _ = stage0_loss(vlm, clip, sets[0].in_order(i).to(device), sets[1].in_order(i).to(device),
+                                        device)
+            else:
+                losses, _ = vlm_loss(vlm, sets[0].in_order(i).to(device), device)
+        except D.EmptyBatch:
+            continue
+        used += 1
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / n
+            totals[k] = totals.get(k, 0.0) + float(v)
     vlm.train()
     clip is not None and clip.train()
-    return {f"val_{k}": v for k, v in totals.items()}
+    return {f"val_{k}": v / used for k, v in totals.items()}
 
 
 @torch.no_grad()
-def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, log=print0):
+def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tokens=16, log=print0):
     """A quick look at what the model answers: the first question of n validation conversations, greedy, with the
-    exact-match rate (case and a final period ignored). eval.py measures properly; this shows a stage learned."""
-    samples = [s for s in D.read_json(path)[:n] if "conversations" in s and len(s["conversations"]) >= 2]
+    exact-match rate (case and a final period ignored). eval.py measures properly; this shows a stage learned.
+    Samples that cannot be asked (bad, unreadable image, prompt too long) are left out."""
     folder = config.image_folder or config.data_dir
-    prompts, images, refs, questions = [], [], [], []
-    for s in samples:
-        question = s["conversations"][0]["value"].replace(D.IMAGE_PLACEHOLDER, "").strip()
-        image = s.get("image")
+    prompts, refs, questions = [], [], []
+    for sample in D.read_json(path)[:n]:
         try:
-            if image is not None:
-                images.append(D.load_image(os.path.join(folder, image), vlm.config.vision.image_size))
-        except OSError:
+            conv = D.check_conversation(sample, "chat")
+            image = None if sample.get("image") is None else D.load_image(os.path.join(folder, sample["image"]),
+                                                                           vlm.config.vision.image_size)
+        except (D.BadSample, OSError, ValueError, SyntaxError):
             continue
+        question = conv[0]["value"].replace(D.IMAGE_PLACEHOLDER, "").strip()
         ids, _ = D.tokenize(D.chat_prompt(question, image is not None), tokenizer, vlm.num_image_tokens)
-        prompts.append(ids)
-        refs.append(s["conversations"][1]["value"])
+        if len(ids) + max_new_tokens > vlm.config.llm.max_seq_len:
+            continue
+        prompts.append((ids, image))
+        refs.append(conv[1]["value"])
         questions.append(question)
     if not prompts:
         return None
@@ -393,12 +399,12 @@ def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, log=print0)
     answers = []
     for i in range(0, len(prompts), 32):
         chunk = prompts[i:i + 32]
-        n_images = sum(int((p == D.IMAGE_TOKEN_INDEX).any()) for p in chunk)
-        first = sum(int((p == D.IMAGE_TOKEN_INDEX).any()) for p in prompts[:i])
-        ids, mask = D.prompt_batch(chunk, tokenizer.eos_id)
-        pix = torch.stack(images[first:first + n_images]).to(device) if n_images else None
+        ids, mask = D.prompt_batch([p for p, _ in chunk], tokenizer.eos_id)
+        pixels = [im for _, im in chunk if im is not None]
+        pixels = torch.stack(pixels).to(device) if pixels else None
         with autocast(device):
-            out = vlm.generate(ids.to(device), pix, mask.to(device), max_new_tokens=16, eos_id=tokenizer.eos_id)
+            out = vlm.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=max_new_tokens,
+                               eos_id=tokenizer.eos_id)
         answers += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.tolist()]
     vlm.train()
     norm = lambda a: a.strip().lower().rstrip(".")  # noqa: E731
@@ -415,6 +421,35 @@ def routing_record(vlm, routing):
              "dropped": int(s.dropped)} for i, s in zip(layers, routing)]
 
 
+def build_model(stage, config, nested, own, prev, tokenizer):
+    """Stage 0 builds the VLM (and CLIP's head) from the preset; stage N loads stage N-1's weights, and stage III
+    then upcycles; resuming loads the stage's own checkpoint into the same architecture."""
+    try:
+        if stage == 0 and own is None:
+            vlm_config = initial_vlm_config(config, nested, tokenizer)
+        else:
+            vlm_config = vlm_config_from_dict((own or prev)["meta"]["model_config"])
+            asked = replace(vlm_config, llm=replace(vlm_config.llm, **nested["llm"]),
+                            vision=replace(vlm_config.vision, **nested["vision"]),
+                            projector=nested.get("projector", vlm_config.projector))
+            if asked != vlm_config:  # (--stage all repeats stage 0's options, which then match)
+                raise SystemExit("error: --llm.*, --vision.* and --projector shape the model at stage 0 only; "
+                                 f"stage {stage} takes the architecture from its input checkpoint")
+        vlm = VLM(vlm_config)
+        clip = CLIPHead(tokenizer.vocab_size, vlm_config.llm.max_seq_len, vlm_config.vision) if stage == 0 else None
+        if own is None and prev is not None:
+            vlm.load_state_dict(prev["model"])
+            if stage == 3:
+                vlm.upcycle_to_moe(config.moe_layers, replace(vlm_config.llm.moe, **nested["moe"]))
+    except ValueError as e:  # an impossible config: the dataclass says which field, and why
+        raise SystemExit(f"error: {e}") from None
+    if own is not None:
+        vlm.load_state_dict(own["model"])
+        if clip is not None:
+            clip.load_state_dict(own["clip"])
+    return vlm, clip
+
+
 def run_stage(stage, config, nested, log=print0):
     """Train one stage; returns its final metadata. Raises SystemExit for user errors, NonFiniteLoss on NaN/inf."""
     torch.manual_seed(config.seed + stage)
@@ -424,48 +459,35 @@ def run_stage(stage, config, nested, log=print0):
     previous = stage_dir(config, stage - 1)
     make_previous = f"python train.py --stage {stage - 1} --out_dir {config.out_dir}"
 
-    # 1. the model: stage 0 builds it; later stages read the previous stage's (or, resuming, their own) checkpoint
-    own = load_checkpoint(out) if config.resume and os.path.exists(os.path.join(out, "ckpt.pt")) else None
+    # 1. where the stage starts: the previous stage's checkpoint, or (resuming) its own
+    own = None
+    if config.resume:
+        if os.path.exists(os.path.join(out, "ckpt.pt")):
+            own = load_checkpoint(out)
+        else:
+            log(f"stage {stage}: no checkpoint in {out} to resume from; starting the stage from the beginning")
     prev = None
     if stage > 0:
         prev = load_checkpoint(previous, f"stage {stage}'s input, the stage-{stage - 1} checkpoint", make_previous)
-    if own is not None:
-        tokenizer_name = own["meta"]["tokenizer"]
-    else:
-        tokenizer_name = prev["meta"]["tokenizer"] if prev else config.tokenizer
-    token_dir = config.data_dir if own is None and prev is None else (out if own is not None else previous)
+    start_meta = (own or prev or {"meta": {}})["meta"]
+
+    # 2. the tokenizer and the built-in data: as the run began at stage 0, unless --data.* says otherwise
+    tokenizer_name = start_meta.get("tokenizer", config.tokenizer)
+    token_dir = out if own else previous if prev else config.data_dir
+    try:
+        data_config = D.BuiltinConfig(**{**start_meta.get("data_config", {}), **nested["data"]})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if not config.data_path or (tokenizer_name == "builtin" and token_dir == config.data_dir):
-        D.ensure_builtin(config.data_dir, D.BuiltinConfig(**nested["data"]), progress=config.progress)
+        D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
     try:
         tokenizer = D.load_tokenizer(tokenizer_name, token_dir)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
 
-    if stage == 0 and own is None:
-        vlm_config = initial_vlm_config(config, nested, tokenizer)
-    else:
-        vlm_config = vlm_config_from_dict((own or prev)["meta"]["model_config"])
-        asked = replace(vlm_config, llm=replace(vlm_config.llm, **nested["llm"]),
-                        vision=replace(vlm_config.vision, **nested["vision"]),
-                        projector=nested.get("projector", vlm_config.projector))
-        if asked != vlm_config:  # (--stage all repeats stage 0's options, which then match)
-            raise SystemExit("error: --llm.*, --vision.* and --projector shape the model at stage 0 only; "
-                             f"stage {stage} takes the architecture from {previous}")
-    vlm = VLM(vlm_config)
-    clip = CLIPHead(tokenizer.vocab_size, vlm_config.llm.max_seq_len, vlm_config.vision) if stage == 0 else None
-    if prev is not None and own is None:
-        vlm.load_state_dict(prev["model"])
-    if stage == 3 and own is None:
-        moe_config = replace(vlm_config.llm.moe, **nested["moe"])
-        try:
-            vlm.upcycle_to_moe(config.moe_layers, moe_config)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        vlm_config = vlm.config
-    if own is not None:
-        vlm.load_state_dict(own["model"])
-        if clip is not None:
-            clip.load_state_dict(own["clip"])
+    # 3. the model, and which of its parameters this stage trains
+    vlm, clip = build_model(stage, config, nested, own, prev, tokenizer)
+    vlm_config = vlm.config
     vlm.to(device)
     clip is not None and clip.to(device)
     trained = set_trainable(stage, vlm, config)
@@ -476,23 +498,24 @@ def run_stage(stage, config, nested, log=print0):
         f"{counts['active'] / 1e6:.2f}M active per token ({len(trained)} tensors trained)" +
         (" -- including CLIP's text tower" if clip is not None else ""))
 
-    # 2. the data
+    # 4. the data
     try:
         train = load_stage_data(stage, config, tokenizer, vlm_config, "train")
         val = load_stage_data(stage, config, tokenizer, vlm_config, "val")
         make = lambda ex, bs: D.Batches(ex, bs, vlm_config.vision.image_size, tokenizer.eos_id,  # noqa: E731
                                         seed=config.seed + stage, cache_images=not config.data_path)
+        make_val = lambda ex, bs: make(ex, min(bs, len(ex)))  # noqa: E731  (a small set is one short batch)
         if stage == 0:
             train_batches = (make(train[0], config.clip_batch_size), make(train[1], config.batch_size))
-            val_batches = None if val is None else (make(val[0], config.clip_batch_size),
-                                                    make(val[1], config.batch_size))
+            val_batches = None if val is None else (make_val(val[0], config.clip_batch_size),
+                                                    make_val(val[1], config.batch_size))
         else:
             train_batches = make(train, config.batch_size)
-            val_batches = None if val is None else make(val, config.batch_size)
+            val_batches = None if val is None else make_val(val, config.batch_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
-    # 3. the optimizer gets exactly the parameters this stage trains
+    # 5. the optimizer gets exactly the parameters this stage trains
     params = [p for p in vlm.parameters() if p.requires_grad]
     if clip is not None:
         params += list(clip.parameters())
@@ -504,14 +527,17 @@ def run_stage(stage, config, nested, log=print0):
     forward = torch.compile(vlm) if config.compile else vlm
 
     meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
-            "model_config": asdict(vlm_config), "train_config": asdict(config), "counts": counts,
-            "val": {}, "elapsed_s": 0.0}
+            "model_config": asdict(vlm_config), "train_config": asdict(config), "data_config": asdict(data_config),
+            "counts": counts, "val": {}, "elapsed_s": 0.0}
     start = 0
     log_path = os.path.join(out, "log.jsonl")
     if own is not None:
-        if own["meta"]["iters"] != iters:
-            raise SystemExit(f"error: {out} was trained for {own['meta']['iters']} steps and this run asks for "
-                             f"{iters}; resume with the same --stage{stage}_iters / --max_iters")
+        was = dict(own["meta"]["train_config"], iters=own["meta"]["iters"])
+        now = dict(asdict(config), iters=iters)
+        differ = [k for k in RESUME_MUST_MATCH + (f"stage{stage}_lr",) if was.get(k) != now[k]]
+        if differ:  # the batches and the schedule would not continue the interrupted run
+            raise SystemExit(f"error: {out} was trained with " + ", ".join(f"{k}={was.get(k)}" for k in differ)
+                             + "; resume with the same values")
         optimizer.load_state_dict(own["optimizer"])
         torch.set_rng_state(own["rng_cpu"])
         if "rng_cuda" in own and torch.cuda.is_available():
@@ -523,7 +549,7 @@ def run_stage(stage, config, nested, log=print0):
             return meta
         log(f"stage {stage}: resuming at step {start} of {iters}")
     os.makedirs(out, exist_ok=True)
-    save_tokenizer(tokenizer, config, out)
+    save_tokenizer(tokenizer, out)
     keep_log_lines(log_path, start)
 
     def write_log(record):
@@ -535,7 +561,7 @@ def run_stage(stage, config, nested, log=print0):
         extra = {"clip": clip.state_dict()} if clip is not None else None
         save_checkpoint(out, vlm.state_dict(), optimizer, meta, extra)
 
-    # 4. the loop
+    # 6. the loop
     from tqdm import tqdm
     vlm.train()
     bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not config.progress, dynamic_ncols=True)
@@ -561,16 +587,24 @@ def run_stage(stage, config, nested, log=print0):
             group["lr"] = lr
         sums, tokens, routing = {}, 0, None
         for micro in range(config.grad_accum):
-            losses, routing, n = step_loss(stage, forward, clip, train_batches, step, micro, config, device)
+            try:
+                losses, routing, n = step_loss(stage, forward, clip, train_batches, step, micro, config, device)
+            except D.EmptyBatch as e:  # every image of the batch unreadable: skip it, never crash the run
+                bar.write(f"stage {stage} step {step}: {e}; batch skipped")
+                continue
             (losses["loss"] / config.grad_accum).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
             tokens += n
+        if not sums:
+            continue
         if not math.isfinite(sums["loss"]):
             bar.close()
+            kept = (f"{os.path.join(out, 'ckpt.pt')} still holds the last good state (step {meta['step']}); "
+                    f"try a lower --stage{stage}_lr, then --resume" if meta["step"] > 0 or own is not None else
+                    f"no checkpoint of this stage was written yet; try a lower --stage{stage}_lr")
             raise NonFiniteLoss(f"stage {stage}: the loss became {sums['loss']} at step {step}; stopped without "
-                                f"saving, so {os.path.join(out, 'ckpt.pt')} still holds the last good state "
-                                f"(try a lower --stage{stage}_lr, then --resume)")
+                                f"saving: {kept}")
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -590,13 +624,13 @@ def run_stage(stage, config, nested, log=print0):
                 write_log({"step": done, **metrics})
                 bar.write(f"stage {stage} step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         meta["elapsed_s"] = time.time() - t_stage
-        if done == iters and stage >= 2 and (config.val_data_path or not config.data_path):
-            bar.close()
-            path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")
-            meta["val_answer_match"] = answer_check(vlm, tokenizer, config, path, device, log=log)
         if done % config.ckpt_interval == 0 or done == iters or done == stop:
             checkpoint(done, done=done == iters)
     bar.close()
+    if meta["done"] and stage >= 2 and (config.val_data_path or not config.data_path):
+        path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")
+        meta["val_answer_match"] = answer_check(vlm, tokenizer, config, path, device, log=log)
+        D.write_json(os.path.join(out, "meta.json"), meta)  # the readable copy also records the answer check
     if meta["step"] < iters:
         log(f"stage {stage}: stopped after step {meta['step']} of {iters} (--stop_after); continue with --resume")
     else:
@@ -611,8 +645,13 @@ def keep_log_lines(path, upto_step):
     if upto_step == 0:
         os.remove(path)
         return
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= upto_step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+            return False
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= upto_step]
+        lines = [ln for ln in f if before(ln)]
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)

@@ -2,6 +2,7 @@
 import filecmp
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -91,11 +92,16 @@ def test_answers_describe_the_drawn_scene(builtin):
     assert ("count", "How many objects are there?", str(len(scene["objects"]))) in qa
 
 
-def test_ensure_builtin_regenerates_only_for_a_different_config(builtin):
+def test_ensure_builtin_regenerates_only_for_a_different_config(builtin, tmp_path):
     marker = os.path.join(builtin, "builtin.json")
     before = os.path.getmtime(marker)
     D.ensure_builtin(builtin, SMALL, progress=False)
     assert os.path.getmtime(marker) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(builtin, copy)
+    D.ensure_builtin(str(copy), D.BuiltinConfig(n_train=20, n_val=12, n_test=12), progress=False)
+    assert len(D.read_json(str(copy / "scenes_train.json"))) == 20
+    assert json.loads((copy / "builtin.json").read_text())["n_train"] == 20
 
 
 # --- tokenizer
@@ -131,10 +137,11 @@ def test_named_encoding_that_cannot_load_fails_in_one_sentence(monkeypatch):
 
 def test_named_encoding_gets_the_image_placeholder(monkeypatch):
     base = tiktoken.Encoding("fake", pat_str=D.PAT_STR, mergeable_ranks={bytes([b]): b for b in range(256)},
-                             special_tokens={"<|endoftext|>": 256})
+                             special_tokens={"<|endoftext|>": 256, "<|fim_prefix|>": 257})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
     tok = D.load_tokenizer("fake")
-    assert tok.eos_id == 256 and tok.image_id == 257 and tok.vocab_size == 258
+    assert tok.eos_id == 256 and tok.image_id == 258 and tok.vocab_size == 259
+    assert len(tok.encode("<|fim_prefix|>")) > 1  # another special token in user text is read as plain text
 
 
 def test_missing_builtin_tokenizer_names_the_command(tmp_path):
@@ -153,6 +160,9 @@ def test_chat_template_supervises_only_the_answers(tok):
     turns = conv("What colour is the circle?", "red") + [{"from": "human", "value": "How many?"},
                                                         {"from": "gpt", "value": "2"}]
     ids, sup = D.tokenize(D.render(turns, "chat"), tok, num_image_tokens=5)
+    official = (D.CHAT_SYSTEM + " USER: \nWhat colour is the circle? ASSISTANT: red<|endoftext|>"
+                "USER: How many? ASSISTANT: 2<|endoftext|>")  # the separators of MoE-LLaVA's conv_phi
+    assert tok.decode(ids.tolist()) == official
     assert tok.decode(ids[sup].tolist()) == " red<|endoftext|> 2<|endoftext|>"
     assert (ids == D.IMAGE_TOKEN_INDEX).sum() == 5 and not sup[ids == D.IMAGE_TOKEN_INDEX].any()
     assert tok.decode(ids.tolist()).startswith(D.CHAT_SYSTEM + " USER: \nWhat colour")
@@ -189,6 +199,7 @@ def test_bad_samples_are_skipped_with_one_summary_line(builtin, tok, tmp_path):
         {"id": "c", "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]},
         {"id": "d", "conversations": "not a list"},
         {"id": "e", "conversations": conv("Q?", "   ", image=False)},  # empty answer
+        {"id": "g", "image": ["a.png"], "conversations": conv("Q?", "A")},  # not a file name
         {"id": "f", "image": good[0].get("image") or "images/train_00000.png",
          "conversations": conv("Q " * 400, "A")},  # too long
     ]
@@ -196,11 +207,11 @@ def test_bad_samples_are_skipped_with_one_summary_line(builtin, tok, tmp_path):
     examples = D.load_examples(write(tmp_path, "mixed.json", good + bad), builtin, tok, "chat", 16, 128,
                                max_bad_fraction=0.5, log=lines.append)
     assert len(examples) == 20 and len(lines) == 1
-    assert "skipped 6 of 26 samples" in lines[0]
+    assert "skipped 7 of 27 samples" in lines[0]
     for reason in ("image file missing", "no answer", "turns do not alternate", "no conversations", "empty answer",
-                   "too long"):
+                   "too long", "image is not a file name"):
         assert reason in lines[0]
-    with pytest.raises(ValueError, match="more than max_bad_fraction"):
+    with pytest.raises(ValueError, match="unusable for the 'chat' template .* more than max_bad_fraction"):
         D.load_examples(write(tmp_path, "bad.json", good[:5] + bad), builtin, tok, "chat", 16, 128, log=lines.append)
 
 
@@ -213,10 +224,15 @@ def test_malformed_files_stop_at_load_time(builtin, tok, tmp_path):
         D.load_examples(str(tmp_path / "absent.json"), builtin, tok, "chat", 16, 128)
 
 
-def test_image_placeholder_is_added_when_llava_data_omits_it(builtin, tok, tmp_path):
-    sample = {"id": "x", "image": "images/train_00000.png", "conversations": conv("Q?", "A", image=False)}
+@pytest.mark.parametrize("question", ["Q?", "Q?\n<image>", "<image>\nQ?"])
+def test_image_placeholder_goes_to_the_front_of_the_first_question(builtin, tok, tmp_path, question):
+    sample = {"id": "x", "image": "images/train_00000.png",
+              "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "A"}]}
     [ex] = D.load_examples(write(tmp_path, "s.json", [sample]), builtin, tok, "chat", 16, 128)
-    assert (ex.ids == D.IMAGE_TOKEN_INDEX).sum() == 16
+    start = int(np.argmax(ex.ids == D.IMAGE_TOKEN_INDEX))
+    assert tok.decode(ex.ids[:start].tolist()) == D.CHAT_SYSTEM + " USER: "
+    assert (ex.ids[start:start + 16] == D.IMAGE_TOKEN_INDEX).all() and (ex.ids == D.IMAGE_TOKEN_INDEX).sum() == 16
+    assert tok.decode(ex.ids[start + 16:].tolist()).startswith("\nQ? ASSISTANT:")
 
 
 # --- batching
@@ -260,3 +276,5 @@ def test_an_unreadable_image_drops_its_sample_not_the_run(builtin, tok, tmp_path
                                max_bad_fraction=0.5)
     batch = D.Batches(examples, 4, 16, 0).in_order(0)
     assert batch.skipped == 1 and batch.input_ids.shape[0] == 3 and batch.images.shape == (3, 3, 16, 16)
+    with pytest.raises(D.EmptyBatch):  # the training loop skips such a batch
+        D.Batches(examples[3:], 1, 16, 0).in_order(0)

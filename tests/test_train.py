@@ -9,7 +9,8 @@ import torch
 
 import data as D
 import train
-from model import VLM
+from model import PRESETS, VLM
+from moe import MoEConfig
 
 DATA = ["--data.n_train=48", "--data.n_val=16", "--data.n_test=8"]
 SMALLER = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
@@ -105,22 +106,35 @@ def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, ext
         assert (k in moved) == should, f"stage {stage}: {k} {'did not change' if should else 'changed'}"
 
 
-def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path):
+@pytest.mark.parametrize("stage, extra", [(0, []), (2, ["--grad_accum=2"]), (3, [])])
+def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra):
     out, data_dir, _ = pipeline
     for name in ("straight", "resumed"):
-        shutil.copytree(out / "stage1", tmp_path / name / "stage1")
-    args = ["--stage", "2", "--stage2_iters=5", "--ckpt_interval=100"]
+        if stage > 0:
+            shutil.copytree(out / f"stage{stage - 1}", tmp_path / name / f"stage{stage - 1}")
+    args = ["--stage", str(stage), f"--stage{stage}_iters=5", "--ckpt_interval=100", *extra]
     run(tmp_path / "straight", *args, data_dir=data_dir)
     run(tmp_path / "resumed", *args, "--stop_after=2", data_dir=data_dir)
-    assert load_state(tmp_path / "resumed", 2)["meta"].count('"done": false') == 1
+    assert json.loads(load_state(tmp_path / "resumed", stage)["meta"])["step"] == 2
     run(tmp_path / "resumed", *args, "--resume", data_dir=data_dir)
-    a, b = load_state(tmp_path / "straight", 2), load_state(tmp_path / "resumed", 2)
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = load_state(tmp_path / "straight", stage), load_state(tmp_path / "resumed", stage)
+    for key in ("model", "clip") if stage == 0 else ("model",):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    log = lambda p: [json.loads(x) for x in (p / "stage2" / "log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [r["step"] for r in log(tmp_path / "straight")] == [r["step"] for r in log(tmp_path / "resumed")]
+    log = lambda p: [json.loads(x) for x in (p / f"stage{stage}" / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tok_per_s"} for r in records]  # noqa: E731
+    assert strip(log(tmp_path / "straight")) == strip(log(tmp_path / "resumed"))  # the same losses, step by step
+
+
+def test_resume_with_different_batches_is_an_error(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    run(tmp_path, "--stage", "2", "--stage2_iters=4", "--stop_after=1", data_dir=data_dir)
+    with pytest.raises(SystemExit, match="was trained with batch_size=4; resume with the same values"):
+        run(tmp_path, "--stage", "2", "--stage2_iters=4", "--resume", "--batch_size=2", data_dir=data_dir)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pipeline, tmp_path, monkeypatch):
@@ -181,15 +195,40 @@ def test_architecture_options_after_stage0_are_an_error(pipeline, tmp_path):
 
 
 def test_stage3_log_counts_every_real_token_k_times(pipeline):
-    out, _, _ = pipeline
+    out, data_dir, _ = pipeline
     records = [json.loads(x) for x in (out / "stage3" / "log.jsonl").read_text().splitlines()]
-    routing = [r for r in records if "routing" in r]
-    assert routing and [layer["layer"] for layer in routing[0]["routing"]] == [0, 2]
-    for layer in routing[0]["routing"]:
-        text, image = layer["topk_text_image"]
-        top1_text, top1_image = layer["top1_text_image"]
-        assert sum(text) + sum(image) == 2 * (sum(top1_text) + sum(top1_image))  # k = 2 choices per token
-        assert sum(image) % 16 == 0  # whole images of 16 patch tokens
+    first = next(r for r in records if "routing" in r)
+    assert first["step"] == 1 and [layer["layer"] for layer in first["routing"]] == [0, 2]
+    # rebuild the batch of step 1 the way train.py does, and count its real tokens
+    tok = D.load_tokenizer("builtin", str(out / "stage3"))
+    examples = D.load_examples(os.path.join(data_dir, "instruct_train.json"), data_dir, tok, "chat", 16, 128)
+    batch = D.Batches(examples, 4, 32, tok.eos_id, seed=1337 + 3)[0]
+    n_image = int((batch.input_ids == D.IMAGE_TOKEN_INDEX).sum())
+    n_text = int(batch.attention_mask.sum()) - n_image
+    for layer in first["routing"]:
+        (text, image), (top1_text, top1_image) = layer["topk_text_image"], layer["top1_text_image"]
+        assert (sum(text), sum(image)) == (2 * n_text, 2 * n_image)  # k = 2 choices per real token, no padding
+        assert (sum(top1_text), sum(top1_image)) == (n_text, n_image)
+
+
+def test_set_trainable_marks_each_stage_s_parameters():
+    vlm = VLM(PRESETS["tiny"])
+    for stage, trained in ((0, ("vision.", "llm.")), (1, ("projector.",)), (2, ("llm.", "projector."))):
+        train.set_trainable(stage, vlm, train.TrainConfig())
+        for name, p in vlm.named_parameters():
+            assert p.requires_grad == name.startswith(trained), (stage, name)
+    vlm.upcycle_to_moe("sparse", MoEConfig())
+    for projector in (True, False):
+        train.set_trainable(3, vlm, train.TrainConfig(train_projector_stage3=projector))
+        for name, p in vlm.named_parameters():
+            moe = ".ffn.experts." in name or ".ffn.router." in name
+            assert p.requires_grad == (moe or (projector and name.startswith("projector."))), name
+
+
+def test_a_validation_set_smaller_than_a_batch_is_one_short_batch(pipeline, tmp_path):
+    _, data_dir, _ = pipeline  # 16 validation captions, contrastive batches of 24
+    [meta] = run(tmp_path, "--stage", "0", "--max_iters=1", "--clip_batch_size=24", data_dir=data_dir)
+    assert meta["done"] and meta["val"]["val_clip"] > 0
 
 
 def test_user_data_with_bad_samples_trains_and_reports_them(pipeline, tmp_path, capsys):
