@@ -564,8 +564,6 @@ def run_stage(stage, config, nested, log=print0):
     # 6. the loop
     from tqdm import tqdm
     vlm.train()
-    bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not config.progress, dynamic_ncols=True)
-    stop = iters if config.stop_after <= 0 else min(iters, start + config.stop_after)
     t_stage = time.time() - meta["elapsed_s"]
     if start == 0:
         metrics = validate(stage, forward, clip, val_batches, config, device)
@@ -578,6 +576,8 @@ def run_stage(stage, config, nested, log=print0):
                 meta["stage2_final_val_ce"] = before
                 line += f"  (stage II ended at val_ce {before:.4f}; upcycling must not change it)"
             log(f"stage {stage} step 0: {line}")
+    bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not config.progress, dynamic_ncols=True)
+    stop = iters if config.stop_after <= 0 else min(iters, start + config.stop_after)
     for step in bar:
         if step >= stop:
             break
