@@ -50,6 +50,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), 
 SIZES = {"small": 0.09, "large": 0.16}  # radius as a fraction of the image side
 BACKGROUNDS = {"dark": (35, 35, 45), "gray": (110, 110, 115), "brown": (95, 75, 55)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+BUILTIN_VERSION = 2  # raise when the drawing, the texts or the templates change: old data sets are redrawn
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.")
 
 
@@ -235,7 +236,8 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
     bar.close()
     ranks = train_bpe(corpus, config.bpe_vocab_size - len(SPECIAL_TOKENS))
     save_bpe(os.path.join(data_dir, BUILTIN_TOKENIZER_FILE), ranks)
-    write_json(os.path.join(data_dir, "builtin.json"), asdict(config))  # written last: marks the set complete
+    marker = {**asdict(config), "version": BUILTIN_VERSION}
+    write_json(os.path.join(data_dir, "builtin.json"), marker)  # written last: marks the set complete
 
 
 def ensure_builtin(data_dir, config=BuiltinConfig(), progress=True):
@@ -243,7 +245,7 @@ def ensure_builtin(data_dir, config=BuiltinConfig(), progress=True):
     marker = os.path.join(data_dir, "builtin.json")
     if os.path.exists(marker):
         with open(marker) as f:
-            if json.load(f) == asdict(config):
+            if json.load(f) == {**asdict(config), "version": BUILTIN_VERSION}:
                 return
     generate_builtin(data_dir, config, progress)
 

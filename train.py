@@ -611,7 +611,7 @@ def run_stage(stage, config, nested, log=print0):
 
         done = step + 1
         tok_s = tokens / max(time.time() - t0, 1e-9)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k != "loss" or stage == 0} |
+        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} |
                         {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
         if done % config.log_interval == 0 or done == iters:
             write_log({"step": done, "lr": lr, "tok_per_s": round(tok_s), **sums})
