@@ -12,7 +12,8 @@ Read it top to bottom:
   3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), router_z_loss (ST-MoE)
   4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP);
                                      each computes one expert (readable) or all experts at once (grouped)
-  5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul)
+  5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul);
+                                     kernels/ holds the same as an optional CUDA extension (dispatch="cuda")
   6. MoELayer                        the pieces joined, returning (output, RoutingStats)
   7. upcycling                       MoELayer.upcycle: every expert a copy of a trained dense FFN
 
@@ -21,13 +22,14 @@ ST-MoE (arXiv 2202.08906) for the z-loss; MegaBlocks (arXiv 2211.15841) for sort
 upcycling (arXiv 2212.05055). The facts we rely on are summarised in ../shared/REFERENCE.md.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DISPATCH_MODES = ("loop", "sorted")  # the kernels/ extension will add "cuda"
+DISPATCH_MODES = ("loop", "sorted", "cuda", "auto")  # "cuda": the kernels/ extension; "auto": it when it serves
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ class MoEConfig:
     router_noise: float = 0.0  # std of Gaussian noise on the router logits when *choosing* experts, training only
     aux_loss_coef: float = 0.01  # weight of the balancing loss, summed over MoE layers (MoE-LLaVA)
     z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 1e-3; MoE-LLaVA uses none)
-    dispatch: str = "sorted"  # "loop": the readable per-expert reference; "sorted": sort + grouped matmul
+    dispatch: str = "sorted"  # "loop": the readable reference; "sorted": sort + grouped matmul; "cuda"/"auto": kernels/
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
@@ -313,6 +315,27 @@ def dispatch_sorted(x, experts, expert_index, weights, keep, use_grouped_mm=Fals
     return (y.view(n, k, experts.out_dim) * weights.unsqueeze(-1)).sum(dim=1)  # (N, out)
 
 
+def extension_serves(x, mode):
+    """Whether the kernels/ CUDA extension dispatches this call (dispatch="cuda", or "auto" on a CUDA device).
+
+    When it cannot -- CPU tensors, no nvcc, a failed build -- the layer uses dispatch_sorted and, for "cuda",
+    says why in one line (Python shows a given warning once). "auto" on the CPU falls back silently.
+    """
+    if mode == "auto" and not x.is_cuda:
+        return False
+    reason = "the tokens are not on a CUDA device" if not x.is_cuda else None
+    if reason is None:
+        try:
+            from kernels import unavailable_reason  # optional: imported only when asked for
+            reason = unavailable_reason()
+        except ImportError as e:
+            reason = f"kernels/ cannot be imported ({e})"
+    if reason is not None:
+        warnings.warn(f"MoE dispatch={mode!r}: using the PyTorch sort path (dispatch_sorted) because {reason}",
+                      stacklevel=3)
+    return reason is None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 6. The MoE layer
 
@@ -376,10 +399,13 @@ class MoELayer(nn.Module):
         tokens = x[real]  # (N, in): only real tokens are routed
 
         logits, probs, expert_index, weights, keep = self.route(tokens, dropless)
+        use_grouped_mm = grouped_mm_serves(tokens, *self.experts.weights())
         if cfg.dispatch == "loop":
             y_tokens = dispatch_loop(tokens, self.experts, expert_index, weights, keep)
+        elif cfg.dispatch in ("cuda", "auto") and extension_serves(tokens, cfg.dispatch):
+            from kernels import dispatch_cuda
+            y_tokens = dispatch_cuda(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
         else:
-            use_grouped_mm = grouped_mm_serves(tokens, *self.experts.weights())
             y_tokens = dispatch_sorted(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
         y = x.new_zeros(x.shape[0], self.experts.out_dim)
         y[real] = y_tokens.to(y.dtype)  # padding positions stay 0
