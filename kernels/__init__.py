@@ -19,6 +19,7 @@ import functools
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,9 +36,10 @@ def _build():
         return cpp_extension.load(name="moe_llava_dispatch", sources=[os.path.join(_HERE, "dispatch.cpp"),
                                                                       os.path.join(_HERE, "dispatch.cu")],
                                   extra_cuda_cflags=["-O3"], verbose=False), None
-    except Exception as e:  # a compiler error is long: keep its last line
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        return None, f"kernels/dispatch.cu failed to build ({last})"
+    except Exception as e:  # a build log is long: keep its first error line
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = next((line for line in lines if "error" in line.lower()), lines[0]).strip()
+        return None, f"kernels/dispatch.cu failed to build ({first})"
 
 
 def load_extension():
@@ -109,6 +111,7 @@ class Permute(torch.autograd.Function):
         return ext.permute(x.contiguous(), src, k)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, d_rows):
         (dest,) = ctx.saved_tensors
         return ctx.ext.combine(d_rows.contiguous(), None, dest), None, None, None, None
@@ -126,6 +129,7 @@ class Combine(torch.autograd.Function):
         return ext.combine(rows, weights, dest)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         rows, weights, dest, src = ctx.saved_tensors
         d_rows, d_weights = ctx.ext.combine_backward(dy.contiguous(), rows, weights, dest, src)

@@ -31,9 +31,13 @@
 #include <cub/block/block_scan.cuh>
 #include <torch/extension.h>
 
+#include <limits>
+#include <type_traits>
+
 namespace {
 
 constexpr int kIndexThreads = 256;  // threads per block of the index kernels
+constexpr int kIndexItems = 8;      // consecutive assignments per thread per step: 2048 per block step
 constexpr int kRowThreads = 128;    // threads per row of the row kernels
 
 // ---------------------------------------------------------------------------------------------------------
@@ -65,8 +69,8 @@ __device__ __forceinline__ void store_pack(T* p, const float* f) {
 // build_index, part 1: how many kept assignments each expert has.
 //
 // Grid: one block per expert. Block e reads all N*k expert ids and keep flags (5 bytes each) and counts its
-// own; a block reduction, no atomics. E passes over N*k small integers: for N = 64k, k = 2, E = 8 that is
-// 5 MB, a few microseconds -- the row kernels move hundreds of MB.
+// own; a block reduction, no atomics. E passes over N*k small integers (5 MB for N = 64k, k = 2, E = 8, mostly
+// from L2), small next to the hundreds of MB the row kernels move.
 
 __global__ void count_kernel(const int32_t* __restrict__ expert, const bool* __restrict__ keep, int64_t n_assign,
                              int32_t* __restrict__ counts) {
@@ -74,24 +78,25 @@ __global__ void count_kernel(const int32_t* __restrict__ expert, const bool* __r
   __shared__ typename BlockReduce::TempStorage tmp;
   const int e = blockIdx.x;
   int mine = 0;
-  for (int64_t a = threadIdx.x; a < n_assign; a += blockDim.x) mine += (expert[a] == e && keep[a]) ? 1 : 0;
+  for (int64_t a = threadIdx.x; a < n_assign; a += blockDim.x) mine += (expert[a] == e) & keep[a];
   const int total = BlockReduce(tmp).Sum(mine);
   if (threadIdx.x == 0) counts[e] = total;
 }
 
 // build_index, part 2: a stable slot for every kept assignment.
 //
-// Block e starts at offset_e = counts[0] + ... + counts[e-1] and walks the assignments in order, 256 at a
-// time; an exclusive block scan of "is mine" gives each of its assignments its rank among the earlier ones,
-// so the slot is offset_e + rank: expert-major, token order within an expert -- a stable sort by expert,
-// without sorting. It writes dest[a] = slot (-1 for a dropped assignment) and the inverse map src[slot] = a.
+// Block e starts at offset_e = counts[0] + ... + counts[e-1] and walks the assignments in order, 2048 at a
+// time (8 consecutive ones per thread, the "blocked" arrangement CUB's scan expects); an exclusive block scan
+// of "is mine" gives each of its assignments its rank among the earlier ones, so the slot is offset_e + rank:
+// expert-major, assignment order within an expert -- a stable sort by expert, without sorting. It writes
+// dest[a] = slot and the inverse map src[slot] = a (both arrive filled with -1: dropped / unused).
 
 __global__ void slot_kernel(const int32_t* __restrict__ expert, const bool* __restrict__ keep, int64_t n_assign,
                             const int32_t* __restrict__ counts, int32_t* __restrict__ dest,
                             int32_t* __restrict__ src) {
   using BlockScan = cub::BlockScan<int, kIndexThreads>;
   __shared__ typename BlockScan::TempStorage tmp;
-  __shared__ int running;  // this expert's assignments seen in earlier chunks
+  __shared__ int running;  // this expert's assignments seen in earlier steps
   const int e = blockIdx.x;
   if (threadIdx.x == 0) {
     int offset = 0;
@@ -99,21 +104,25 @@ __global__ void slot_kernel(const int32_t* __restrict__ expert, const bool* __re
     running = offset;
   }
   __syncthreads();
-  for (int64_t base = 0; base < n_assign; base += blockDim.x) {
-    const int64_t a = base + threadIdx.x;
-    const bool in_range = a < n_assign;
-    const bool kept = in_range && keep[a];
-    const bool mine = kept && expert[a] == e;
-    if (in_range && !kept && e == 0) dest[a] = -1;  // block 0 marks the dropped assignments
-    int rank, chunk_total;
-    BlockScan(tmp).ExclusiveSum(mine ? 1 : 0, rank, chunk_total);
-    if (mine) {
-      const int slot = running + rank;
-      dest[a] = slot;
-      src[slot] = static_cast<int32_t>(a);
+  for (int64_t base = 0; base < n_assign; base += kIndexThreads * kIndexItems) {
+    const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kIndexItems;
+    int mine[kIndexItems], rank[kIndexItems], step_total;
+#pragma unroll
+    for (int i = 0; i < kIndexItems; ++i) {
+      const int64_t a = first + i;
+      mine[i] = a < n_assign ? ((expert[a] == e) & keep[a]) : 0;
+    }
+    BlockScan(tmp).ExclusiveSum(mine, rank, step_total);
+#pragma unroll
+    for (int i = 0; i < kIndexItems; ++i) {
+      if (mine[i]) {
+        const int slot = running + rank[i];
+        dest[first + i] = slot;
+        src[slot] = static_cast<int32_t>(first + i);
+      }
     }
     __syncthreads();  // everyone has read `running` and the scan storage before they change
-    if (threadIdx.x == 0) running += chunk_total;
+    if (threadIdx.x == 0) running += step_total;
     __syncthreads();
   }
 }
@@ -132,18 +141,11 @@ __global__ void permute_kernel(const T* __restrict__ x, const int32_t* __restric
   const int64_t r = blockIdx.x;
   const int32_t a = src[r];
   T* row = out + r * H;
-  if (kVec) {
+  if (kVec) {  // a plain 16-byte copy: exact for any dtype
     constexpr int N = Pack<T>::N;
-    float f[N];
-    for (int64_t h = threadIdx.x * N; h < H; h += blockDim.x * N) {
-      if (a >= 0) {
-        load_pack(x + (a / k) * H + h, f);
-      } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) f[i] = 0.f;
-      }
-      store_pack(row + h, f);
-    }
+    for (int64_t h = threadIdx.x * N; h < H; h += blockDim.x * N)
+      *reinterpret_cast<uint4*>(row + h) =
+          a >= 0 ? *reinterpret_cast<const uint4*>(x + (a / k) * H + h) : make_uint4(0, 0, 0, 0);
   } else {
     for (int64_t h = threadIdx.x; h < H; h += blockDim.x) row[h] = a >= 0 ? x[(a / k) * H + h] : T(0.f);
   }
@@ -174,8 +176,13 @@ __global__ void combine_kernel(const T* __restrict__ rows, const float* __restri
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[i] += ws * f[i];
       }
+      if constexpr (std::is_same<Out, float>::value) {  // fp32 out: 16-byte stores too
 #pragma unroll
-      for (int i = 0; i < N; ++i) out[t * H + h + i] = static_cast<Out>(acc[i]);
+        for (int i = 0; i < N; i += 4)
+          *reinterpret_cast<float4*>(out + t * H + h + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+      } else {
+        store_pack(out + t * H + h, acc);
+      }
     }
   } else {
     for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
@@ -252,9 +259,10 @@ std::vector<torch::Tensor> build_index(torch::Tensor expert_index, torch::Tensor
   const c10::cuda::CUDAGuard guard(expert_index.device());
   auto expert = expert_index.to(torch::kInt32).contiguous();
   const int64_t n_assign = expert.numel();
+  TORCH_CHECK(n_assign <= std::numeric_limits<int32_t>::max(), "build_index: more than 2^31 assignments");
   auto opts = expert.options();
   auto counts = torch::empty({num_experts}, opts);
-  auto dest = torch::empty_like(expert);
+  auto dest = torch::full_like(expert, -1);
   auto src = torch::full({n_assign}, -1, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (n_assign > 0) {
@@ -274,6 +282,7 @@ torch::Tensor permute(torch::Tensor x, torch::Tensor src, int64_t k) {
   check_cuda(x, "x");
   check_cuda(src, "src");
   TORCH_CHECK(x.dim() == 2 && src.scalar_type() == torch::kInt32, "permute: x (N, H), src int32 (N*k)");
+  TORCH_CHECK(x.scalar_type() != torch::kDouble && x.device() == src.device(), "permute: fp32/fp16/bf16, one device");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t H = x.size(1), M = src.numel();
   auto out = torch::empty({M, H}, x.options());
@@ -298,6 +307,7 @@ torch::Tensor combine(torch::Tensor rows, c10::optional<torch::Tensor> weights, 
   check_cuda(dest, "dest");
   TORCH_CHECK(rows.dim() == 2 && dest.dim() == 2 && dest.scalar_type() == torch::kInt32,
               "combine: rows (M, H), dest int32 (N, k)");
+  TORCH_CHECK(rows.scalar_type() != torch::kDouble && rows.device() == dest.device(), "combine: fp32/fp16/bf16");
   const bool weighted = weights.has_value() && weights->defined();
   if (weighted) {
     check_cuda(*weights, "weights");
@@ -334,9 +344,19 @@ torch::Tensor combine(torch::Tensor rows, c10::optional<torch::Tensor> weights, 
 // The backward of the weighted combine: (d_rows (M, H) in rows' dtype, d_weights (N, k) fp32).
 std::vector<torch::Tensor> combine_backward(torch::Tensor dy, torch::Tensor rows, torch::Tensor weights,
                                             torch::Tensor dest, torch::Tensor src) {
-  for (auto* t : {&dy, &rows, &weights, &dest, &src}) check_cuda(*t, "combine_backward input");
+  for (auto* t : {&dy, &rows, &weights, &dest, &src}) {
+    check_cuda(*t, "combine_backward input");
+    TORCH_CHECK(t->device() == dy.device(), "combine_backward: all inputs on one device");
+  }
   const c10::cuda::CUDAGuard guard(dy.device());
   const int64_t N = dest.size(0), k = dest.size(1), H = rows.size(1), M = rows.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == N && dy.size(1) == H, "combine_backward: dy must be (N, H)");
+  TORCH_CHECK(weights.scalar_type() == torch::kFloat32 && weights.sizes() == dest.sizes(),
+              "combine_backward: weights must be fp32 (N, k)");
+  TORCH_CHECK(dest.scalar_type() == torch::kInt32 && src.scalar_type() == torch::kInt32 && src.numel() == M,
+              "combine_backward: dest (N, k) and src (M) int32");
+  TORCH_CHECK(rows.scalar_type() != torch::kDouble && dy.scalar_type() != torch::kDouble,
+              "combine_backward: fp32/fp16/bf16");
   auto d_rows = torch::empty_like(rows);
   auto d_weights = torch::empty({N, k}, weights.options());
   if (N == 0 || H == 0) return {d_rows.zero_(), d_weights.zero_()};
