@@ -577,11 +577,18 @@ class Batches:
         self.pad_id, self.seed = pad_id, seed
         self.cache = {} if cache_images else None
         self.per_epoch = len(examples) // batch_size
+        self._order = None  # (epoch, permutation): a cache, so a 665K-sample epoch is shuffled once, not per step
 
     def indices(self, step):
         epoch, b = divmod(step, self.per_epoch)
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch))
-        return order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+        return self.epoch_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def epoch_order(self, epoch):
+        """The permutation of epoch e, drawn once per epoch (a function of seed and epoch, so resumable)."""
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=g))
+        return self._order[1]
 
     def image(self, path):
         if self.cache is not None and path in self.cache:
