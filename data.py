@@ -486,15 +486,16 @@ def read_json(path):
 
 
 def load_examples(path, image_folder, tokenizer, template, num_image_tokens, max_len, max_bad_fraction=0.05,
-                  supervise_all=False, keep_images=True, log=print):
+                  supervise_all=False, keep_images=True, log=print, samples=None):
     """Read a LLaVA-format JSON file into Examples, skipping bad samples with one summary line.
 
     keep_images=False drops each image placeholder and its file (text-only language modelling, stage 0).
+    samples: the file's samples already read (or a subset of them); path then only names them in messages.
     Raises ValueError when more than max_bad_fraction of the samples are bad: that is a wrong path or format.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}: choose one of {TEMPLATES}")
-    samples = read_json(path)
+    samples = read_json(path) if samples is None else samples
     examples, bad = [], collections.Counter()
     for sample in samples:
         try:

@@ -1,0 +1,776 @@
+"""
+eval.py -- what the model answers, how often it is right, and where its tokens go.
+
+    python eval.py --ckpt out/stage3                          # the built-in test split: VQA, POPE, losses, routing
+    python eval.py --ckpt out/stage3 --compare out/stage2     # two checkpoints side by side (MoE III vs dense II)
+    python eval.py --ckpt out/stage3 --data_path my.json --image_folder my_images/   # your LLaVA-format data
+    python eval.py --ckpt out/stage3 --image some.png --prompt "What colour is the circle?"   # one answer
+    python eval.py --help                                     # every option, with its default
+
+What it measures (definitions in ../shared/REFERENCE.md):
+  VQA      every question of the test conversations, asked with the image and the conversation so far (earlier
+           turns with their reference answers), answered greedily; exact match after normalize_answer, by
+           question type. A "description" is scored by the objects it names (described_objects).
+  POPE     the object-hallucination probe (Li et al. 2023, arXiv 2305.10355) on the built-in scenes: "Is there a
+           {colour} {shape} in the image?" for objects present and, as negatives, absent objects drawn three ways
+           (random, popular, adversarial); accuracy, precision, recall, F1 and yes-ratio per split.
+  losses   answer and caption cross-entropy on the test split (teacher forcing).
+  routing  from the answer-loss pass, in eval mode (the evaluation capacity): per MoE layer and expert, top-1 and
+           top-k assignments of text and image tokens; load balance; dropped assignments; top-1 pathways. Plots
+           as PNG with the numbers beside them (JSON, CSV), and the load over training time from the log.
+
+Everything lands in --out (default {ckpt}/eval/): metrics.json, answers.jsonl (every question, answer and
+verdict), routing.json, routing.csv, routing_training.csv and the PNG plots.
+
+Structure: loading -> asking (batched generation) -> VQA scoring -> POPE -> losses and routing counts ->
+routing summary -> plots -> report -> main.
+"""
+import collections
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data as D
+import train as T
+from model import IMAGE_TOKEN_INDEX, VLM, moe_layer_indices
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: every default lives here; the command line overrides any field
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ckpt: str = ""  # the checkpoint folder to evaluate, e.g. out/stage3 (any stage's works)
+    compare: str = ""  # a second checkpoint folder, evaluated the same way and shown beside the first
+    out: str = ""  # where metrics.json, answers.jsonl and the plots go (default {ckpt}/eval)
+    data_dir: str = ""  # the built-in data set (default: the one the checkpoint was trained on)
+    split: str = "test"  # the built-in split to evaluate: test or val
+    data_path: str = ""  # your own LLaVA-format JSON with reference answers, instead of the built-in split
+    image_folder: str = ""  # where data_path's image paths are relative to
+    image: str = ""  # single-image chat: the image to ask about (with --prompt)
+    prompt: str = ""  # single-image chat: the question (without --image: a text-only question)
+    limit: int = 0  # if > 0, evaluate only the first that many conversations and scenes (a quick look)
+    batch_size: int = 64  # prompts per generation batch
+    max_new_tokens: int = 16  # tokens generated per answer
+    description_tokens: int = 64  # tokens generated for a description (a caption)
+    pope_per_image: int = 3  # POPE: objects present asked per image, and as many absent ones per split
+    seed: int = 0  # POPE's random negatives
+    plots: bool = True  # write the routing plots
+    device: str = "auto"  # auto: cuda if available, else cpu
+    progress: bool = True  # show progress bars
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Loading a checkpoint: the model, its tokenizer, and the metadata train.py wrote
+
+
+def load_model(ckpt_dir, device):
+    """-> (VLM in eval mode on device, Tokenizer, meta). Stops with one sentence if the folder is not usable."""
+    state = T.load_checkpoint(ckpt_dir, "checkpoint", make="python train.py --stage all")
+    meta = state["meta"]
+    vlm = VLM(T.vlm_config_from_dict(meta["model_config"]))
+    vlm.load_state_dict(state["model"])
+    try:
+        tokenizer = D.load_tokenizer(meta["tokenizer"], ckpt_dir)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return vlm.to(device).eval(), tokenizer, meta
+
+
+def pick_device(name):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        "cpu" if name == "auto" else name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Asking: batched greedy generation with the KV cache
+
+
+@dataclass
+class Question:
+    prompt: np.ndarray  # token ids ending where the answer starts ("... ASSISTANT:")
+    image: str  # path of the image file, or None
+    answer: str  # the reference answer
+    qtype: str  # question type: colour, shape, ..., "pope", or "untyped" for data without types
+    text: str  # the question as asked, for answers.jsonl
+    max_new_tokens: int
+
+
+def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers"):
+    """Greedy answers to Questions, in their order; None for a question whose image cannot be read.
+
+    Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
+    batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless.
+    """
+    order = sorted(range(len(questions)), key=lambda i: (questions[i].max_new_tokens, len(questions[i].prompt)))
+    answers = [None] * len(questions)
+    size = vlm.config.vision.image_size
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        kept, pixels, loaded = [], [], {}
+        for i in chunk:
+            q = questions[i]
+            if q.image is not None:
+                try:
+                    if q.image not in loaded:
+                        loaded[q.image] = D.load_image(q.image, size)
+                except (OSError, ValueError, SyntaxError) as e:
+                    print(f"skipping a question: its image {q.image} cannot be read ({e})", file=sys.stderr)
+                    continue
+                pixels.append(loaded[q.image])
+            kept.append(i)
+        if not kept:
+            continue
+        ids, mask = D.prompt_batch([questions[i].prompt for i in kept], tokenizer.eos_id)
+        images = torch.stack(pixels).to(device) if pixels else None
+        with T.autocast(device):
+            out = vlm.generate(ids.to(device), images, mask.to(device), eos_id=tokenizer.eos_id,
+                               max_new_tokens=max(questions[i].max_new_tokens for i in kept))
+        for i, row in zip(kept, out.tolist()):
+            answers[i] = tokenizer.decode([t for t in row[:questions[i].max_new_tokens]
+                                           if t != tokenizer.eos_id]).strip()
+    return answers
+
+
+def chat(vlm, tokenizer, prompt, image_path, device, max_new_tokens):
+    """Single-image chat: the model's answer to one question about one image (or none)."""
+    pixels = None
+    if image_path:
+        try:
+            pixels = D.load_image(image_path, vlm.config.vision.image_size)[None].to(device)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise SystemExit(f"error: the image {image_path} cannot be read ({e})") from None
+    ids, _ = D.tokenize(D.chat_prompt(prompt, pixels is not None), tokenizer, vlm.num_image_tokens)
+    room = vlm.config.llm.max_seq_len - len(ids)
+    if room < 1:
+        raise SystemExit(f"error: the prompt takes {len(ids)} tokens, the model reads at most "
+                         f"{vlm.config.llm.max_seq_len}; ask a shorter question")
+    ids = torch.as_tensor(ids.astype(np.int64))[None].to(device)
+    with T.autocast(device):
+        out = vlm.generate(ids, pixels, max_new_tokens=min(max_new_tokens, room), eos_id=tokenizer.eos_id)
+    return tokenizer.decode([t for t in out[0].tolist() if t != tokenizer.eos_id]).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. VQA: every question of a conversation, scored by exact match after normalisation
+
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text):
+    """The answer normalisation, after VQAv2's evaluation script (simplified): lower case; punctuation removed
+    (a period inside a number kept); number words up to ten as digits; the articles a/an/the dropped; spaces
+    collapsed. "The Red." -> "red", "Two" -> "2", "bottom-right" -> "bottom right"."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())
+    text = re.sub(r"[^\w\s.]", " ", text)
+    return " ".join(NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES)
+
+
+def described_objects(text):
+    """The multiset of objects a description names, as "size colour shape" (captions say "a small red circle")."""
+    pattern = rf"\b({'|'.join(D.SIZES)}) ({'|'.join(D.COLOURS)}) ({'|'.join(D.SHAPES)})\b"
+    return collections.Counter(" ".join(m) for m in re.findall(pattern, text.lower()))
+
+
+def is_correct(answer, reference, qtype):
+    """A description is right when it names exactly the reference's objects (where they are and the background
+    are not scored); any other answer when it equals the reference after normalize_answer."""
+    if qtype == "description":
+        return described_objects(answer) == described_objects(reference)
+    return normalize_answer(answer) == normalize_answer(reference)
+
+
+def turn_prompt(conv, turn):
+    """The chat prompt for turn `turn` of a conversation: the earlier turns with their reference answers, then
+    the question, ending at "ASSISTANT:" (render's last piece is the answer, left out)."""
+    return D.render(conv[:2 * turn + 2], "chat")[:-1]
+
+
+def vqa_questions(samples, image_folder, tokenizer, vlm, config, log=print):
+    """Questions from LLaVA-format samples: each turn of each usable conversation; bad samples, missing images
+    and prompts too long for the model are skipped and counted in one line."""
+    questions, bad = [], collections.Counter()
+    max_len = vlm.config.llm.max_seq_len
+    for sample in samples:
+        try:
+            conv = D.check_conversation(sample, "chat")
+        except D.BadSample as e:
+            bad[str(e)] += 1
+            continue
+        image = sample.get("image")
+        if image is not None:
+            image = os.path.join(image_folder, image)
+            if not os.path.isfile(image):
+                bad["image file missing"] += 1
+                continue
+        types = sample.get("question_types") or []
+        for turn in range(len(conv) // 2):
+            qtype = types[turn] if turn < len(types) and isinstance(types[turn], str) else "untyped"
+            new = config.description_tokens if qtype == "description" else config.max_new_tokens
+            ids, _ = D.tokenize(turn_prompt(conv, turn), tokenizer, vlm.num_image_tokens)
+            if len(ids) + new > max_len:
+                bad["prompt too long"] += 1
+                continue
+            text = conv[2 * turn]["value"].replace(D.IMAGE_PLACEHOLDER, "").strip()
+            questions.append(Question(ids, image, conv[2 * turn + 1]["value"], qtype, text, new))
+    if bad:
+        log("VQA: skipped " + ", ".join(f"{n} × {reason}" for reason, n in bad.most_common()))
+    return questions, dict(bad)
+
+
+def vqa_scores(questions, answers):
+    """{type: {"accuracy", "n"}} plus "overall"; questions without an answer (unreadable image) are left out."""
+    right, total = collections.Counter(), collections.Counter()
+    for q, a in zip(questions, answers):
+        if a is None:
+            continue
+        for key in (q.qtype, "overall"):
+            total[key] += 1
+            right[key] += is_correct(a, q.answer, q.qtype)
+    return {k: {"accuracy": right[k] / total[k], "n": total[k]}
+            for k in sorted(total, key=lambda k: (k == "overall", k))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. POPE on the built-in scenes: an object is a (colour, shape) kind, as in the training existence questions
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+ALL_KINDS = tuple((c, s) for c in D.COLOURS for s in D.SHAPES)
+
+
+def kinds_in(scene):
+    return sorted({(o["colour"], o["shape"]) for o in scene["objects"]})
+
+
+def object_statistics(scenes):
+    """How many scenes hold each kind, and how many hold both of two kinds (co-occurrence), over a scene set."""
+    frequency, together = collections.Counter(), collections.Counter()
+    for scene in scenes:
+        kinds = kinds_in(scene)
+        frequency.update(kinds)
+        together.update((a, b) for a in kinds for b in kinds if a != b)
+    return frequency, together
+
+
+def pope_negatives(present, rule, n, frequency, together, rng):
+    """n kinds absent from an image, chosen by POPE's rule:
+    random: uniformly among the absent; popular: the most frequent in the training scenes; adversarial: those that
+    co-occur most with the present kinds (summed over them). Ties go to the alphabetically first."""
+    absent = [k for k in ALL_KINDS if k not in present]
+    if rule == "random":
+        return rng.sample(absent, n)
+    if rule == "popular":
+        score = lambda k: frequency[k]  # noqa: E731
+    elif rule == "adversarial":
+        score = lambda k: sum(together[(p, k)] for p in present)  # noqa: E731
+    else:
+        raise ValueError(f"unknown POPE split {rule!r}: choose one of {POPE_SPLITS}")
+    return sorted(absent, key=lambda k: (-score(k), k))[:n]
+
+
+def pope_probe(scenes, train_scenes, per_image, seed):
+    """{split: [(scene, (colour, shape), present?)]}: per image up to per_image present kinds and as many absent
+    ones, so each split is balanced yes/no as in POPE. Frequencies come from the training scenes."""
+    frequency, together = object_statistics(train_scenes)
+    rng = random.Random(seed)
+    probe = {split: [] for split in POPE_SPLITS}
+    for scene in scenes:
+        present = kinds_in(scene)
+        positives = rng.sample(present, min(per_image, len(present)))
+        for split in POPE_SPLITS:
+            negatives = pope_negatives(present, split, len(positives), frequency, together, rng)
+            probe[split] += [(scene, k, True) for k in positives] + [(scene, k, False) for k in negatives]
+    return probe
+
+
+def pope_question(kind):
+    return f"Is there a {kind[0]} {kind[1]} in the image?"  # data.questions' existence question
+
+
+def pope_says_yes(answer):
+    """POPE's parsing: the first sentence; "no" or "not" among its words (any case) means no, anything else yes."""
+    words = answer.split(".")[0].replace(",", " ").lower().split()
+    return not ("no" in words or "not" in words)
+
+
+def pope_metrics(said_yes, is_present):
+    """Accuracy, precision, recall, F1 and yes-ratio with "yes" the positive class (POPE's table)."""
+    pairs = list(zip(said_yes, is_present))
+    tp = sum(y and p for y, p in pairs)
+    fp = sum(y and not p for y, p in pairs)
+    fn = sum(p and not y for y, p in pairs)
+    n = len(pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": sum(y == p for y, p in pairs) / n if n else 0.0, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(said_yes) / n if n else 0.0, "n": n}
+
+
+def pope_questions(probe, image_folder, tokenizer, vlm, config):
+    """One Question per distinct (image, kind): the splits share their positives, and greedy answers repeat."""
+    unique = {}
+    for items in probe.values():
+        for scene, kind, present in items:
+            key = (scene["image"], kind)
+            if key not in unique:
+                ids, _ = D.tokenize(D.chat_prompt(pope_question(kind)), tokenizer, vlm.num_image_tokens)
+                unique[key] = Question(ids, os.path.join(image_folder, scene["image"]), "yes" if present else "no",
+                                       "pope", pope_question(kind), config.max_new_tokens)
+    return unique
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Losses and routing counts: one teacher-forced pass in eval mode
+
+
+@dataclass
+class RoutingCounts:
+    """What the MoE layers did over an evaluation set, per MoE layer l and expert e (padding excluded)."""
+
+    layers: list  # the LLM block index of each MoE layer
+    top_k: int
+    topk: torch.Tensor  # (L, 2, E) top-k assignments (before dropping) from text (row 0) and image (row 1) tokens
+    top1: torch.Tensor  # (L, 2, E) first choices
+    dropped: torch.Tensor  # (L,) assignments dropped for lack of capacity
+    tokens: torch.Tensor  # (2,) text and image tokens routed
+    pathways: list  # [Counter(tuple of top-1 experts across the MoE layers -> tokens)] for text, image
+
+
+@torch.no_grad()
+def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses"):
+    """Token-weighted answer cross-entropy over all examples, and the RoutingCounts (None for a dense model).
+
+    Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop."""
+    vlm.eval()
+    moe = vlm.llm.config.moe
+    layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    if not examples:
+        return float("nan"), None
+    batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
+    E = moe.num_experts
+    counts = RoutingCounts(layers, moe.top_k, torch.zeros(len(layers), 2, E, dtype=torch.long),
+                           torch.zeros(len(layers), 2, E, dtype=torch.long), torch.zeros(len(layers), dtype=torch.long),
+                           torch.zeros(2, dtype=torch.long), [collections.Counter(), collections.Counter()])
+    ce_sum, ce_tokens = 0.0, 0
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        try:
+            batch = batches.collate(examples[start:start + batch_size]).to(device)
+        except D.EmptyBatch:
+            continue
+        with T.autocast(device):
+            out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
+        n = int((batch.labels[:, 1:] != D.IGNORE_INDEX).sum())  # lm_loss's count of supervised targets
+        ce_sum += float(out.ce_loss) * n
+        ce_tokens += n
+        if out.routing:
+            add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
+    return (ce_sum / ce_tokens if ce_tokens else float("nan")), (counts if layers else None)
+
+
+def add_routing(counts, routing, image_mask, attention_mask):
+    """Add one batch's RoutingStats (a list over MoE layers) to the counts, and its tokens' top-1 pathways."""
+    for i, stats in enumerate(routing):
+        counts.topk[i] += stats.expert_counts.cpu()
+        counts.top1[i] += stats.top1_counts.cpu()
+        counts.dropped[i] += int(stats.dropped)
+    real = attention_mask.bool()
+    is_image = image_mask[real]
+    counts.tokens += torch.stack([(~is_image).sum(), is_image.sum()]).cpu()
+    paths = torch.stack([s.expert_index[..., 0][real] for s in routing], dim=-1).cpu()  # (N, L) top-1 per layer
+    for modality in (0, 1):
+        rows, n = torch.unique(paths[is_image.cpu() == bool(modality)], dim=0, return_counts=True)
+        counts.pathways[modality].update({tuple(r): int(c) for r, c in zip(rows.tolist(), n.tolist())})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. The routing summary: shares, modality split, balance, dropped, pathways
+
+
+def routing_summary(counts, top_paths=10):
+    """The numbers behind the plots, as plain lists (JSON-able). Shares are fractions of a layer's assignments."""
+    topk_all = counts.topk.sum(1).double()  # (L, E)
+    top1_all = counts.top1.sum(1).double()
+    share = lambda c: (c / c.sum(-1, keepdim=True).clamp(min=1)).tolist()  # noqa: E731
+    # MoE-LLaVA's modality split rescales each modality by its own total, so that 50% means "no preference"
+    per_modality = counts.topk.double() / counts.topk.sum(-1, keepdim=True).clamp(min=1).double()  # (L, 2, E)
+    image_rescaled = per_modality[:, 1] / (per_modality[:, 0] + per_modality[:, 1]).clamp(min=1e-12)
+    raw_image = counts.topk[:, 1].double() / counts.topk.sum(1).clamp(min=1).double()
+    load = topk_all / topk_all.sum(-1, keepdim=True).clamp(min=1)
+    assignments = counts.tokens.sum() * counts.top_k
+    pathways = {}
+    for name, counter in zip(("text", "image"), counts.pathways):
+        total = sum(counter.values()) or 1
+        pathways[name] = [{"experts": list(p), "share": n / total} for p, n in counter.most_common(top_paths)]
+    return {
+        "layers": counts.layers, "num_experts": counts.topk.shape[-1], "top_k": counts.top_k,
+        "tokens": {"text": int(counts.tokens[0]), "image": int(counts.tokens[1])},
+        "topk_counts": counts.topk.tolist(), "top1_counts": counts.top1.tolist(),  # [layer][text, image][expert]
+        "topk_share": share(topk_all), "top1_share": share(top1_all),
+        "topk_share_text": share(counts.topk[:, 0].double()), "topk_share_image": share(counts.topk[:, 1].double()),
+        "image_share_rescaled": image_rescaled.tolist(), "image_share_raw": raw_image.tolist(),
+        "max_over_mean_load": (load.max(-1).values * load.shape[-1]).tolist(),  # 1.0 = perfectly balanced
+        "cv_load": (load.std(-1, unbiased=False) / load.mean(-1)).tolist(),  # coefficient of variation
+        "dropped_fraction": (counts.dropped.double() / max(int(assignments), 1)).tolist(),
+        "pathways": pathways,
+    }
+
+
+def write_routing_csv(summary, path):
+    """One row per (MoE layer, expert): the counts and shares behind the plots."""
+    rows = ["layer,expert,topk_text,topk_image,top1_text,top1_image,topk_share,top1_share,image_share_rescaled"]
+    for i, layer in enumerate(summary["layers"]):
+        for e in range(summary["num_experts"]):
+            tk, t1 = summary["topk_counts"][i], summary["top1_counts"][i]
+            rows.append(f"{layer},{e},{tk[0][e]},{tk[1][e]},{t1[0][e]},{t1[1][e]},{summary['topk_share'][i][e]:.6f},"
+                        f"{summary['top1_share'][i][e]:.6f},{summary['image_share_rescaled'][i][e]:.6f}")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def training_routing(log_path):
+    """The per-expert counts train.py logged during stage III: [(step, [{layer, topk_text_image, ...}])]."""
+    if not os.path.exists(log_path):
+        return []
+    records = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "routing" in record:
+                records.append((record["step"], record["routing"]))
+    return records
+
+
+def write_training_csv(records, path):
+    rows = ["step,layer,expert,topk_text,topk_image,top1_text,top1_image"]
+    for step, layers in records:
+        for r in layers:
+            for e, (kt, ki, t1t, t1i) in enumerate(zip(*r["topk_text_image"], *r["top1_text_image"])):
+                rows.append(f"{step},{r['layer']},{e},{kt},{ki},{t1t},{t1i}")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Plots: matplotlib's object API (Figure, no pyplot), so nothing needs a display and no global state changes
+
+def new_figure(ncols, nrows=1, width=4.2, height=3.4):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def expert_colours(n):
+    from matplotlib import colormaps
+    return [colormaps["tab10"](e % 10) for e in range(n)]
+
+
+def plot_expert_load(summary, path):
+    """Per MoE layer, each expert's share of the assignments: grouped bars, top-1 and top-k side by side."""
+    fig, axes = new_figure(2, width=max(4.2, 1.2 * len(summary["layers"]) + 2))
+    E, L = summary["num_experts"], len(summary["layers"])
+    colours, width = expert_colours(E), 0.8 / E
+    for ax, key, title in zip(axes[0], ("top1_share", "topk_share"),
+                              ("first choice (top-1)", f"all top-{summary['top_k']} choices")):
+        for e in range(E):
+            ax.bar([i + (e - (E - 1) / 2) * width for i in range(L)], [summary[key][i][e] for i in range(L)],
+                   width, color=colours[e], label=f"expert {e}")
+        ax.axhline(1 / E, color="black", linestyle="--", linewidth=1, label="balanced (1/E)")
+        ax.set_xticks(range(L), [f"layer {i}" for i in summary["layers"]])
+        ax.set_ylabel("share of the layer's assignments")
+        ax.set_title(f"Expert load per MoE layer: {title}")
+    axes[0][1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=120)
+
+
+def plot_modality_split(summary, path):
+    """Per expert (one panel per layer), how its traffic splits between image and text tokens, each modality
+    rescaled by its own token count (MoE-LLaVA's Fig. 7 style: 50% = no preference)."""
+    L, E = len(summary["layers"]), summary["num_experts"]
+    fig, axes = new_figure(L, width=3.2)
+    for i, ax in enumerate(axes[0]):
+        image = summary["image_share_rescaled"][i]
+        ax.bar(range(E), image, color="tab:orange", label="image")
+        ax.bar(range(E), [1 - v for v in image], bottom=image, color="tab:blue", label="text")
+        ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"layer {summary['layers'][i]}")
+        ax.set_xlabel("expert")
+    axes[0][0].set_ylabel("share of the expert's tokens (rescaled)")
+    axes[0][-1].legend(fontsize="small", loc="lower right")
+    fig.suptitle("Modality split per expert: image vs text")
+    fig.savefig(path, dpi=120)
+
+
+def plot_load_heatmap(summary, path):
+    """Layer x expert share of top-k assignments: all tokens, text tokens, image tokens."""
+    fig, axes = new_figure(3, width=3.6, height=0.6 * len(summary["layers"]) + 2.2)
+    E = summary["num_experts"]
+    for ax, key, title in zip(axes[0], ("topk_share", "topk_share_text", "topk_share_image"),
+                              ("all tokens", "text tokens", "image tokens")):
+        grid = np.array(summary[key])
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(2 / E, float(grid.max())), aspect="auto")
+        for (i, e), v in np.ndenumerate(grid):
+            ax.text(e, i, f"{v:.2f}", ha="center", va="center", color="white" if v < grid.max() * 0.6 else "black",
+                    fontsize="small")
+        ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
+        ax.set_yticks(range(len(summary["layers"])), [f"layer {i}" for i in summary["layers"]])
+        ax.set_title(f"top-{summary['top_k']} share: {title}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of the layer's assignments")
+    fig.savefig(path, dpi=120)
+
+
+def plot_training_load(records, num_experts, path):
+    """Each expert's share of the top-k assignments (text + image) per MoE layer over stage III's steps."""
+    layers = [r["layer"] for r in records[0][1]]
+    fig, axes = new_figure(len(layers), width=3.8)
+    colours = expert_colours(num_experts)
+    steps = [step for step, _ in records]
+    for i, ax in enumerate(axes[0]):
+        counts = np.array([np.array(rec[i]["topk_text_image"]).sum(0) for _, rec in records], dtype=float)
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        for e in range(num_experts):
+            ax.plot(steps, shares[:, e], color=colours[e], label=f"expert {e}")
+        ax.axhline(1 / num_experts, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"layer {layers[i]}")
+        ax.set_xlabel("stage III step")
+    axes[0][0].set_ylabel("share of top-k assignments (training batch)")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("Expert load over training time")
+    fig.savefig(path, dpi=120)
+
+
+def plot_pathways(summary, path):
+    """The most frequent top-1 pathways (the expert a token picks at each MoE layer), for text and image tokens;
+    line width follows the share of tokens that take the path."""
+    fig, axes = new_figure(2, width=5.0, height=3.8)
+    E, layers = summary["num_experts"], summary["layers"]
+    for ax, name in zip(axes[0], ("text", "image")):
+        paths = summary["pathways"][name]
+        for rank, p in enumerate(paths):
+            jitter = (rank - len(paths) / 2) * 0.02  # so paths sharing a segment stay visible
+            ax.plot(range(len(layers)), [e + jitter for e in p["experts"]], marker="o",
+                    linewidth=1 + 12 * p["share"], alpha=0.7, label=f"{p['share']:.1%}")
+        ax.set_xticks(range(len(layers)), [f"layer {i}" for i in layers])
+        ax.set_yticks(range(E), [f"expert {e}" for e in range(E)])
+        ax.set_ylim(-0.5, E - 0.5)
+        ax.set_title(f"top-1 pathways of {name} tokens (top {len(paths)})")
+        ax.legend(fontsize="x-small", title="share of tokens", title_fontsize="x-small", loc="center left",
+                  bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path, dpi=120)
+
+
+def write_routing_outputs(summary, records, out):
+    """routing.json, routing.csv, routing_training.csv and the plots; returns the files written."""
+    D.write_json(os.path.join(out, "routing.json"), summary)
+    write_routing_csv(summary, os.path.join(out, "routing.csv"))
+    files = ["routing.json", "routing.csv"]
+    plots = [("expert_load.png", plot_expert_load), ("modality_split.png", plot_modality_split),
+             ("load_heatmap.png", plot_load_heatmap), ("pathways.png", plot_pathways)]
+    for name, plot in plots:
+        plot(summary, os.path.join(out, name))
+        files.append(name)
+    if records:
+        write_training_csv(records, os.path.join(out, "routing_training.csv"))
+        plot_training_load(records, summary["num_experts"], os.path.join(out, "load_over_training.png"))
+        files += ["routing_training.csv", "load_over_training.png"]
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. One checkpoint's evaluation, and the report
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def run_vqa(vlm, tokenizer, samples, folder, config, device, out, log):
+    """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
+    questions, skipped = vqa_questions(samples, folder, tokenizer, vlm, config, log)
+    if not questions:
+        raise SystemExit("error: the data has no question the model can be asked; see the skipped counts above")
+    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA")
+    write_jsonl(os.path.join(out, "answers.jsonl"), (
+        {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
+         "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
+    return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
+
+
+def run_pope(vlm, tokenizer, scenes, train_scenes, folder, config, device, out):
+    """POPE metrics per split, and pope_answers.jsonl."""
+    probe = pope_probe(scenes, train_scenes, config.pope_per_image, config.seed)
+    unique = pope_questions(probe, folder, tokenizer, vlm, config)
+    said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
+                                             config.progress, "POPE")))
+    metrics, records = {}, []
+    for split, items in probe.items():
+        asked = [(scene, kind, present, said[(scene["image"], kind)]) for scene, kind, present in items]
+        asked = [x for x in asked if x[3] is not None]  # an unreadable image has no answer
+        metrics[split] = pope_metrics([pope_says_yes(a) for *_, a in asked], [present for _, _, present, _ in asked])
+        records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
+                     "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
+    write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
+    return metrics
+
+
+def evaluate(config, ckpt, out, log=print):
+    """Evaluate one checkpoint: VQA, POPE (built-in data), losses, routing. Writes metrics.json, answers.jsonl,
+    pope_answers.jsonl and the routing files into out; returns the metrics."""
+    t_start = time.time()
+    device = pick_device(config.device)
+    vlm, tokenizer, meta = load_model(ckpt, device)
+    os.makedirs(out, exist_ok=True)
+    moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    log(f"{ckpt}: stage {meta.get('stage')}, step {meta.get('step')}, "
+        + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
+    limit = (lambda items: items[:config.limit]) if config.limit > 0 else (lambda items: items)
+
+    # the data: the user's file, or the built-in split of the data set the checkpoint was trained on
+    try:
+        if config.data_path:
+            folder = config.image_folder or os.path.dirname(config.data_path)
+            answer_file, caption_file, scenes = config.data_path, None, None
+        else:
+            folder = config.data_dir or meta["train_config"]["data_dir"]
+            D.ensure_builtin(folder, D.BuiltinConfig(**meta["data_config"]), progress=config.progress)
+            answer_file = os.path.join(folder, f"instruct_{config.split}.json")
+            caption_file = os.path.join(folder, f"captions_{config.split}.json")
+            scenes = limit(D.read_json(os.path.join(folder, f"scenes_{config.split}.json")))
+        samples = limit(D.read_json(answer_file))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    metrics = {"checkpoint": ckpt, "stage": meta.get("stage"), "step": meta.get("step"), "data": answer_file,
+               "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
+
+    def timed(name, what, *args):
+        t0 = time.time()
+        result = what(*args)
+        metrics["seconds"][name] = round(time.time() - t0, 1)
+        log(f"  {name}: {metrics['seconds'][name]:.1f} s")
+        return result
+
+    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, samples, folder, config, device, out,
+                                               log)
+    if scenes is not None:  # POPE needs each image's object list: the built-in scenes
+        train_scenes = D.read_json(os.path.join(folder, "scenes_train.json"))
+        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, scenes, train_scenes, folder, config, device, out)
+
+    # losses, and the routing counts of the answer-loss pass
+    load = lambda path, samples, template: D.load_examples(  # noqa: E731
+        path, folder, tokenizer, template, vlm.num_image_tokens, vlm.config.llm.max_seq_len, max_bad_fraction=1.0,
+        log=log, samples=samples)
+    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, load(answer_file, samples, "chat"),
+                              tokenizer, config.batch_size, device, config.progress, "answer loss")
+    metrics["loss"] = {"answer_ce": answer_ce}
+    if caption_file:
+        captions = load(caption_file, limit(D.read_json(caption_file)), "plain")
+        metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
+                                                 config.batch_size, device, config.progress, "caption loss")
+    metrics["routing"] = None
+    if counts is not None:
+        summary = routing_summary(counts)
+        metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
+                                                      "dropped_fraction")}
+        metrics["routing"]["eval_capacity_factor"] = vlm.llm.config.moe.eval_capacity_factor
+        records = training_routing(os.path.join(ckpt, "log.jsonl"))
+        metrics["routing"]["files"] = write_routing_outputs(summary, records, out) if config.plots else []
+    metrics["seconds"]["total"] = round(time.time() - t_start, 1)
+    D.write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def metric_rows(m):
+    """(label, value text) rows of one checkpoint's metrics, in the table's order."""
+    rows = [(f"VQA {t} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in m["vqa"].items()]
+    for split, p in (m.get("pope") or {}).items():
+        rows.append((f"POPE {split}: acc / prec / rec / F1 / yes", " / ".join(
+            f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
+    rows += [(f"{name.replace('_', ' ')}", f"{v:.4f}") for name, v in m["loss"].items()]
+    if m.get("routing"):
+        r = m["routing"]
+        for i, layer in enumerate(r["layers"]):
+            rows.append((f"layer {layer}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
+                         f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
+    return rows
+
+
+def format_table(results):
+    """A text table: one row per metric, one column per checkpoint (percentages unless a loss)."""
+    names = [m["checkpoint"] for m in results]
+    columns = [dict(metric_rows(m)) for m in results]
+    labels = list(dict.fromkeys(label for c in columns for label in c))
+    width = max(len(x) for x in labels + ["metric"])
+    cols = [max(len(n), *(len(c.get(label, "-")) for label in labels)) for n, c in zip(names, columns)]
+    lines = ["metric".ljust(width) + "".join(f"  {n:>{w}}" for n, w in zip(names, cols))]
+    lines.append("-" * len(lines[0]))
+    for label in labels:
+        lines.append(label.ljust(width) + "".join(f"  {c.get(label, '-'):>{w}}" for c, w in zip(columns, cols)))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Command line
+
+
+def parse_args(argv):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Options are type-checked; an unknown option is an error.")
+    helps = T.field_help(EvalConfig)
+    for f in dataclasses.fields(EvalConfig):
+        T.add_field(p, f.name, f, f"{helps.get(f.name, '')} (default {f.default!r})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    config = EvalConfig(**given)
+    if not config.ckpt:
+        p.error("--ckpt is required: the checkpoint folder to evaluate, e.g. out/stage3")
+    if config.split not in ("test", "val"):
+        p.error(f"--split={config.split}: choose test or val")
+    if config.image and not config.prompt:
+        p.error("--image needs --prompt: the question to ask about it")
+    return config
+
+
+def main(argv=None):
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    if config.prompt:  # single-image chat
+        device = pick_device(config.device)
+        vlm, tokenizer, _ = load_model(config.ckpt, device)
+        answer = chat(vlm, tokenizer, config.prompt, config.image, device, config.max_new_tokens)
+        print(answer)
+        return answer
+    out = config.out or os.path.join(config.ckpt, "eval")
+    results = [evaluate(config, config.ckpt, out)]
+    if config.compare:
+        results.append(evaluate(config, config.compare, os.path.join(config.compare, "eval")))
+    table = format_table(results)
+    print("\n" + table)
+    if config.compare:
+        with open(os.path.join(out, "compare.txt"), "w") as f:
+            f.write(table + "\n")
+    print(f"\nwrote {os.path.join(out, 'metrics.json')}, answers.jsonl" +
+          (", routing plots and their numbers" if results[0].get("routing") else "") +
+          (f"; {config.compare}'s evaluation in {os.path.join(config.compare, 'eval')}" if config.compare else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()

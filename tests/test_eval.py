@@ -1,0 +1,267 @@
+"""eval.py: answer normalisation, POPE's metrics, parsing and negative sampling, batched answers, routing counts,
+the plots and the command line, on hand-made inputs and a tiny trained checkpoint."""
+import collections
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data as D
+import eval as E
+import train
+
+SMALL = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
+         "--vision.width=64", "--vision.layers=2", "--data.n_train=48", "--data.n_val=16", "--data.n_test=8",
+         "--batch_size=4", "--clip_batch_size=8", "--eval_batches=1", "--progress=false", "--routing_interval=1",
+         "--log_interval=1"]
+QUIET = ["--progress=false", "--batch_size=3", "--max_new_tokens=4", "--description_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny `--stage all` run (2 steps per stage): stage2 is dense, stage3 has MoE layers 0 and 2."""
+    root = tmp_path_factory.mktemp("eval_pipeline")
+    data_dir = str(root / "data")
+    train.main(["--out_dir", str(root / "out"), "--data_dir", data_dir, "--stage", "all", "--max_iters=2", *SMALL])
+    return root / "out", data_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# answers
+
+
+def test_normalize_answer_follows_the_stated_rules():
+    assert E.normalize_answer("The Red.") == "red"
+    assert E.normalize_answer("Two") == E.normalize_answer("2") == "2"
+    assert E.normalize_answer("bottom-right") == "bottom right"
+    assert E.normalize_answer("  A   large\ncircle! ") == "large circle"
+    assert E.normalize_answer("3.5") == "3.5"  # a period inside a number stays
+    assert E.normalize_answer("blue") != E.normalize_answer("blue circle")
+
+
+def test_descriptions_are_scored_by_the_objects_they_name():
+    ref = "A small red circle at the top and a large blue square in the center, on a dark background."
+    assert E.is_correct("A large blue square at the left and a small red circle at the top.", ref, "description")
+    assert not E.is_correct("A small red circle at the top.", ref, "description")  # one object missing
+    assert not E.is_correct("A small green circle and a large blue square.", ref, "description")  # wrong colour
+    assert E.described_objects("two: a small red circle, a small red circle") == collections.Counter(
+        {"small red circle": 2})
+    assert not E.is_correct("red circle", "red", "colour") and E.is_correct("Red.", "red", "colour")
+
+
+def test_each_turn_is_asked_with_the_conversation_so_far():
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": "2"}]
+    text = "".join(t for t, _ in E.turn_prompt(conv, 1))
+    assert text.endswith("USER: How many objects are there? ASSISTANT:")
+    assert " red<|endoftext|>USER: How many" in text and "<image>\nWhat colour" in text
+    first = "".join(t for t, _ in E.turn_prompt(conv, 0))
+    assert first == "".join(t for t, _ in D.chat_prompt("What colour is the circle?"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# POPE
+
+
+def test_pope_metrics_on_hand_made_predictions():
+    said = [True, True, True, False, False, False, True, False]
+    present = [True, True, False, True, False, False, True, False]  # TP 3, FP 1, FN 1, TN 3
+    m = E.pope_metrics(said, present)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(3 / 4)
+    assert m["yes_ratio"] == pytest.approx(4 / 8) and m["n"] == 8
+    always_no = E.pope_metrics([False] * 4, [True, False, True, False])
+    assert always_no == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 4}
+    always_yes = E.pope_metrics([True] * 4, [True, False, True, False])
+    assert always_yes["recall"] == 1.0 and always_yes["precision"] == 0.5 and always_yes["yes_ratio"] == 1.0
+
+
+def test_pope_parsing_reads_the_first_sentence_for_no_or_not():
+    assert E.pope_says_yes("Yes") and E.pope_says_yes("yes, there is.")
+    assert not E.pope_says_yes("no") and not E.pope_says_yes("No, there is not.")
+    assert not E.pope_says_yes("There is not a red circle in the image.")
+    assert E.pope_says_yes("Yes. There is no other object.")  # only the first sentence counts
+    assert E.pope_says_yes("Nothing looks wrong") and E.pope_says_yes("")  # not the words "no"/"not": yes
+
+
+def world(n, seed):
+    rng = random.Random(seed)
+    return [dict(D.make_scene(rng), image=f"img_{seed}_{i}.png") for i in range(n)]
+
+
+def test_negative_sampling_obeys_each_splits_rule():
+    train_scenes, scenes = world(600, 1), world(60, 2)
+    frequency, together = E.object_statistics(train_scenes)
+    probe = E.pope_probe(scenes, train_scenes, per_image=3, seed=0)
+    for split, items in probe.items():
+        assert sum(p for *_, p in items) * 2 == len(items)  # balanced yes / no
+        for scene in scenes:
+            present = E.kinds_in(scene)
+            mine = [(k, p) for s, k, p in items if s is scene]
+            positives, negatives = [k for k, p in mine if p], [k for k, p in mine if not p]
+            assert set(positives) <= set(present) and len(positives) == min(3, len(present))
+            assert not set(negatives) & set(present) and len(set(negatives)) == len(negatives)
+            rest = [k for k in E.ALL_KINDS if k not in present and k not in negatives]
+            if split == "popular":  # the most frequent absent kinds
+                assert min(frequency[k] for k in negatives) >= max(frequency[k] for k in rest)
+            if split == "adversarial":  # the absent kinds that co-occur most with the present ones
+                score = lambda k: sum(together[(p, k)] for p in present)  # noqa: E731
+                assert min(score(k) for k in negatives) >= max(score(k) for k in rest)
+
+    def mean_over(split, f):
+        return np.mean([f(s, k) for s, k, p in probe[split] if not p])
+    popularity = lambda s, k: frequency[k]  # noqa: E731
+    cooccurrence = lambda s, k: sum(together[(p, k)] for p in E.kinds_in(s))  # noqa: E731
+    # the built-in world's skew and themes make the harder splits differ from random
+    assert mean_over("popular", popularity) > 1.5 * mean_over("random", popularity)
+    assert mean_over("adversarial", cooccurrence) > 1.5 * mean_over("random", cooccurrence)
+
+
+def test_random_negatives_change_with_the_seed_only():
+    train_scenes, scenes = world(100, 1), world(20, 2)
+    a = E.pope_probe(scenes, train_scenes, 3, seed=0)["random"]
+    b = E.pope_probe(scenes, train_scenes, 3, seed=0)["random"]
+    c = E.pope_probe(scenes, train_scenes, 3, seed=1)["random"]
+    key = lambda items: [(s["image"], k, p) for s, k, p in items]  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation and routing counts on a tiny trained checkpoint
+
+
+def test_batched_answers_equal_one_at_a_time(pipeline):
+    out, data_dir = pipeline
+    vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
+    config = E.EvalConfig(max_new_tokens=5, description_tokens=9)
+    questions, _ = E.vqa_questions(D.read_json(os.path.join(data_dir, "instruct_test.json")), data_dir, tok, vlm,
+                                   config)
+    assert len(questions) > 6 and len({len(q.prompt) for q in questions}) > 1  # left padding is exercised
+    batched = E.generate_answers(vlm, tok, questions, torch.device("cpu"), batch_size=4, progress=False)
+    alone = [E.generate_answers(vlm, tok, [q], torch.device("cpu"), batch_size=1, progress=False)[0]
+             for q in questions]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+
+
+def test_routing_counts_sum_to_real_tokens_times_k(pipeline):
+    out, data_dir = pipeline
+    vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
+    examples = D.load_examples(os.path.join(data_dir, "instruct_test.json"), data_dir, tok, "chat",
+                               vlm.num_image_tokens, vlm.config.llm.max_seq_len)
+    assert len({len(ex.ids) for ex in examples}) > 1  # batches are padded
+    ce, counts = E.loss_and_routing(vlm, examples, tok, batch_size=3, device=torch.device("cpu"), progress=False)
+    real = sum(len(ex.ids) for ex in examples)
+    image = sum(int((ex.ids == D.IMAGE_TOKEN_INDEX).sum()) for ex in examples)
+    k = vlm.llm.config.moe.top_k
+    assert counts.layers == [0, 2] and np.isfinite(ce)
+    assert counts.tokens.tolist() == [real - image, image]
+    for layer in range(2):
+        assert int(counts.topk[layer].sum()) == real * k
+        assert int(counts.top1[layer].sum()) == real
+        assert counts.topk[layer][1].sum() == image * k  # image row counts image tokens only
+    for modality, n in ((0, real - image), (1, image)):
+        assert sum(counts.pathways[modality].values()) == n
+    summary = E.routing_summary(counts)
+    assert np.allclose(np.sum(summary["topk_share"], axis=1), 1.0)
+    assert all(x >= 1.0 for x in summary["max_over_mean_load"]) and all(0 <= d <= 1 for d in
+                                                                         summary["dropped_fraction"])
+
+
+def test_a_tight_evaluation_capacity_drops_and_reports_it(pipeline):
+    out, data_dir = pipeline
+    vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
+    examples = D.load_examples(os.path.join(data_dir, "instruct_test.json"), data_dir, tok, "chat",
+                               vlm.num_image_tokens, vlm.config.llm.max_seq_len)
+    for block in vlm.llm.blocks:
+        if block.is_moe:
+            block.ffn.config = E.dataclasses.replace(block.ffn.config, eval_capacity_factor=0.25, min_capacity=1)
+    _, counts = E.loss_and_routing(vlm, examples, tok, batch_size=8, device=torch.device("cpu"), progress=False)
+    summary = E.routing_summary(counts)
+    assert all(0.3 < d < 1 for d in summary["dropped_fraction"])  # at most a quarter of the choices fit
+    assert int(counts.topk[0].sum()) == counts.tokens.sum() * 2  # counts are before dropping
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command line: the full evaluation, plots, compare, chat, user data
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+    with Image.open(path) as im:
+        return im.size[0] > 100 and im.size[1] > 100
+
+
+def test_eval_writes_metrics_answers_and_valid_png_plots(pipeline, tmp_path):
+    out, data_dir = pipeline
+    result = E.main(["--ckpt", str(out / "stage3"), "--data_dir", data_dir, "--out", str(tmp_path), *QUIET])[0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["vqa"] == json.loads(json.dumps(result["vqa"]))
+    assert set(metrics["pope"]) == {"random", "popular", "adversarial"}
+    assert set(metrics["loss"]) == {"answer_ce", "caption_ce"}
+    assert metrics["routing"]["layers"] == [0, 2]
+    plots = ["expert_load.png", "modality_split.png", "load_heatmap.png", "pathways.png", "load_over_training.png"]
+    for name in plots:
+        assert is_png(tmp_path / name), name
+    for name in ("routing.json", "routing.csv", "routing_training.csv", "answers.jsonl", "pope_answers.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == metrics["vqa"]["overall"]["n"]
+    right = sum(a["correct"] for a in answers)
+    assert right == round(metrics["vqa"]["overall"]["accuracy"] * len(answers))
+    rows = (tmp_path / "routing.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 4  # a header, then 2 layers x 4 experts
+
+
+def test_compare_puts_two_checkpoints_side_by_side(pipeline, tmp_path):
+    out, data_dir = pipeline
+    a, b = tmp_path / "stage3", tmp_path / "stage2"
+    shutil.copytree(out / "stage3", a)
+    shutil.copytree(out / "stage2", b)
+    results = E.main(["--ckpt", str(a), "--compare", str(b), "--data_dir", data_dir, "--plots=false", *QUIET])
+    assert [r["stage"] for r in results] == [3, 2]
+    assert results[1]["routing"] is None  # stage II is dense
+    table = (a / "eval" / "compare.txt").read_text()
+    assert str(a) in table and str(b) in table and "POPE adversarial" in table
+    assert (b / "eval" / "metrics.json").exists()
+
+
+def test_single_image_chat_prints_an_answer(pipeline, capsys):
+    out, data_dir = pipeline
+    image = os.path.join(data_dir, "images", "test_00000.png")
+    answer = E.main(["--ckpt", str(out / "stage3"), "--image", image, "--prompt", "What colour is the circle?",
+                     "--max_new_tokens=4", "--progress=false"])
+    assert isinstance(answer, str) and capsys.readouterr().out.strip() == answer
+    with pytest.raises(SystemExit, match="cannot be read"):
+        E.main(["--ckpt", str(out / "stage3"), "--image", str(out / "stage3" / "meta.json"), "--prompt", "Hi?"])
+    with pytest.raises(SystemExit):
+        E.main(["--ckpt", str(out / "stage3"), "--image", image])  # an image needs a question
+
+
+def test_user_data_is_evaluated_and_bad_samples_are_skipped(pipeline, tmp_path):
+    out, data_dir = pipeline
+    samples = D.read_json(os.path.join(data_dir, "instruct_test.json"))
+    for s in samples:
+        s.pop("question_types")  # a user's file has no types
+    samples += [{"id": "gone", "image": "images/missing.png", "conversations": samples[0]["conversations"]},
+                {"id": "mute", "conversations": [{"from": "human", "value": "Hello?"}]}]
+    (tmp_path / "mine.json").write_text(json.dumps(samples))
+    metrics = E.main(["--ckpt", str(out / "stage3"), "--data_path", str(tmp_path / "mine.json"), "--image_folder",
+                      data_dir, "--out", str(tmp_path / "eval"), *QUIET])[0]
+    assert set(metrics["vqa"]) == {"untyped", "overall"} and "pope" not in metrics
+    assert metrics["skipped"]["image file missing"] == 1 and metrics["skipped"]["no answer"] == 1
+    assert set(metrics["loss"]) == {"answer_ce"}
+
+
+def test_a_missing_checkpoint_or_bad_option_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist.*train.py"):
+        E.main(["--ckpt", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit):
+        E.main(["--ckpt", str(tmp_path), "--no_such_option=1"])
