@@ -18,9 +18,11 @@ What it measures (definitions in ../shared/REFERENCE.md):
   routing  from the answer-loss pass, in eval mode (the evaluation capacity): per MoE layer and expert, top-1 and
            top-k assignments of text and image tokens; load balance; dropped assignments; top-1 pathways. Plots
            as PNG with the numbers beside them (JSON, CSV), and the load over training time from the log.
+           The capacity is a share of one forward's tokens, so what is dropped depends on --batch_size.
 
 Everything lands in --out (default {ckpt}/eval/): metrics.json, answers.jsonl (every question, answer and
-verdict), routing.json, routing.csv, routing_training.csv and the PNG plots.
+verdict), pope_answers.jsonl, routing.json, routing.csv, routing_training.csv and the PNG plots; with
+--compare, the second checkpoint's files go to {out}/compare/ and the side-by-side table to {out}/compare.txt.
 
 Structure: loading -> asking (batched generation) -> VQA scoring -> POPE -> losses and routing counts ->
 routing summary -> plots -> report -> main.
@@ -60,7 +62,7 @@ class EvalConfig:
     prompt: str = ""  # single-image chat: the question (without --image: a text-only question)
     limit: int = 0  # if > 0, evaluate only the first that many conversations and scenes (a quick look)
     batch_size: int = 64  # prompts per generation batch
-    max_new_tokens: int = 16  # tokens generated per answer
+    max_new_tokens: int = 16  # tokens generated per answer (longer references than this cannot match)
     description_tokens: int = 64  # tokens generated for a description (a caption)
     pope_per_image: int = 3  # POPE: objects present asked per image, and as many absent ones per split
     seed: int = 0  # POPE's random negatives
@@ -83,12 +85,20 @@ def load_model(ckpt_dir, device):
         tokenizer = D.load_tokenizer(meta["tokenizer"], ckpt_dir)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+    meta["checkpoint"] = ckpt_dir
     return vlm.to(device).eval(), tokenizer, meta
 
 
 def pick_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        "cpu" if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device={name} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but this machine has no CUDA GPU; use --device=cpu")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,10 +121,13 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
     Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
     batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless.
     """
-    order = sorted(range(len(questions)), key=lambda i: (questions[i].max_new_tokens, len(questions[i].prompt)))
     answers = [None] * len(questions)
     size = vlm.config.vision.image_size
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = []  # a chunk never mixes answer lengths: each question was checked to fit with its own
+    for new in sorted({q.max_new_tokens for q in questions}):
+        group = sorted((i for i, q in enumerate(questions) if q.max_new_tokens == new),
+                       key=lambda i: len(questions[i].prompt))
+        chunks += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         kept, pixels, loaded = [], [], {}
         for i in chunk:
@@ -134,15 +147,15 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
         images = torch.stack(pixels).to(device) if pixels else None
         with T.autocast(device):
             out = vlm.generate(ids.to(device), images, mask.to(device), eos_id=tokenizer.eos_id,
-                               max_new_tokens=max(questions[i].max_new_tokens for i in kept))
+                               max_new_tokens=questions[kept[0]].max_new_tokens)
         for i, row in zip(kept, out.tolist()):
-            answers[i] = tokenizer.decode([t for t in row[:questions[i].max_new_tokens]
-                                           if t != tokenizer.eos_id]).strip()
+            answers[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
     return answers
 
 
 def chat(vlm, tokenizer, prompt, image_path, device, max_new_tokens):
     """Single-image chat: the model's answer to one question about one image (or none)."""
+    prompt = prompt.replace(D.IMAGE_PLACEHOLDER, "").strip()  # LLaVA-style prompts may carry it; chat_prompt adds it
     pixels = None
     if image_path:
         try:
@@ -169,10 +182,12 @@ ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(text):
-    """The answer normalisation, after VQAv2's evaluation script (simplified): lower case; punctuation removed
-    (a period inside a number kept); number words up to ten as digits; the articles a/an/the dropped; spaces
-    collapsed. "The Red." -> "red", "Two" -> "2", "bottom-right" -> "bottom right"."""
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())
+    """The answer normalisation, after VQAv2's evaluation script (simplified): lower case; a comma inside a number
+    removed ("1,000" -> "1000"); other punctuation removed, except a period between digits ("3.5"); number words up
+    to ten as digits; the articles a/an/the dropped; spaces collapsed. "The Red." -> "red", "Two" -> "2",
+    "bottom-right" -> "bottom right". (VQAv2 also maps contractions and keeps ".5"; our answers have neither.)"""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower())
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
     text = re.sub(r"[^\w\s.]", " ", text)
     return " ".join(NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES)
 
@@ -214,7 +229,8 @@ def vqa_questions(samples, image_folder, tokenizer, vlm, config, log=print):
             if not os.path.isfile(image):
                 bad["image file missing"] += 1
                 continue
-        types = sample.get("question_types") or []
+        types = sample.get("question_types")
+        types = types if isinstance(types, list) else []  # our own field; user data has none
         for turn in range(len(conv) // 2):
             qtype = types[turn] if turn < len(types) and isinstance(types[turn], str) else "untyped"
             new = config.description_tokens if qtype == "description" else config.max_new_tokens
@@ -271,12 +287,12 @@ def pope_negatives(present, rule, n, frequency, together, rng):
     if rule == "random":
         return rng.sample(absent, n)
     if rule == "popular":
-        score = lambda k: frequency[k]  # noqa: E731
+        score = {k: frequency[k] for k in absent}
     elif rule == "adversarial":
-        score = lambda k: sum(together[(p, k)] for p in present)  # noqa: E731
+        score = {k: sum(together[(p, k)] for p in present) for k in absent}
     else:
         raise ValueError(f"unknown POPE split {rule!r}: choose one of {POPE_SPLITS}")
-    return sorted(absent, key=lambda k: (-score(k), k))[:n]
+    return sorted(absent, key=lambda k: (-score[k], k))[:n]
 
 
 def pope_probe(scenes, train_scenes, per_image, seed):
@@ -299,9 +315,10 @@ def pope_question(kind):
 
 
 def pope_says_yes(answer):
-    """POPE's parsing: the first sentence; "no" or "not" among its words (any case) means no, anything else yes."""
-    words = answer.split(".")[0].replace(",", " ").lower().split()
-    return not ("no" in words or "not" in words)
+    """POPE's parsing, as in its evaluation code: the first sentence, commas deleted, split at spaces; the word
+    "No", "no" or "not" means no, anything else yes (so, as there, "Not" and "NO" count as yes)."""
+    words = answer.split(".")[0].replace(",", "").split(" ")
+    return not ("No" in words or "no" in words or "not" in words)
 
 
 def pope_metrics(said_yes, is_present):
@@ -337,32 +354,41 @@ def pope_questions(probe, image_folder, tokenizer, vlm, config):
 
 @dataclass
 class RoutingCounts:
-    """What the MoE layers did over an evaluation set, per MoE layer l and expert e (padding excluded)."""
+    """What the MoE layers did over an evaluation set, per MoE layer and expert (padding excluded)."""
 
     layers: list  # the LLM block index of each MoE layer
     top_k: int
-    topk: torch.Tensor  # (L, 2, E) top-k assignments (before dropping) from text (row 0) and image (row 1) tokens
-    top1: torch.Tensor  # (L, 2, E) first choices
+    capacity_factor: float  # the evaluation capacity factor the counts were taken at
+    topk_counts: torch.Tensor  # (L, 2, E) top-k assignments (before dropping) of text (row 0) and image (row 1) tokens
+    top1_counts: torch.Tensor  # (L, 2, E) first choices
     dropped: torch.Tensor  # (L,) assignments dropped for lack of capacity
     tokens: torch.Tensor  # (2,) text and image tokens routed
     pathways: list  # [Counter(tuple of top-1 experts across the MoE layers -> tokens)] for text, image
 
+    @classmethod
+    def zeros(cls, layers, top_k, num_experts, capacity_factor):
+        L = len(layers)
+        return cls(layers=layers, top_k=top_k, capacity_factor=capacity_factor,
+                   topk_counts=torch.zeros(L, 2, num_experts, dtype=torch.long),
+                   top1_counts=torch.zeros(L, 2, num_experts, dtype=torch.long),
+                   dropped=torch.zeros(L, dtype=torch.long), tokens=torch.zeros(2, dtype=torch.long),
+                   pathways=[collections.Counter(), collections.Counter()])
+
 
 @torch.no_grad()
 def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses"):
-    """Token-weighted answer cross-entropy over all examples, and the RoutingCounts (None for a dense model).
+    """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts
+    (None for a dense model).
 
-    Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop."""
+    Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop. The
+    capacity is a share of one forward's tokens: what is dropped depends on batch_size."""
     vlm.eval()
     moe = vlm.llm.config.moe
     layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    counts = RoutingCounts.zeros(layers, moe.top_k, moe.num_experts, moe.eval_capacity_factor) if layers else None
     if not examples:
-        return float("nan"), None
+        return None, None
     batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
-    E = moe.num_experts
-    counts = RoutingCounts(layers, moe.top_k, torch.zeros(len(layers), 2, E, dtype=torch.long),
-                           torch.zeros(len(layers), 2, E, dtype=torch.long), torch.zeros(len(layers), dtype=torch.long),
-                           torch.zeros(2, dtype=torch.long), [collections.Counter(), collections.Counter()])
     ce_sum, ce_tokens = 0.0, 0
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
@@ -375,23 +401,23 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         n = int((batch.labels[:, 1:] != D.IGNORE_INDEX).sum())  # lm_loss's count of supervised targets
         ce_sum += float(out.ce_loss) * n
         ce_tokens += n
-        if out.routing:
+        if counts is not None:
             add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
-    return (ce_sum / ce_tokens if ce_tokens else float("nan")), (counts if layers else None)
+    return (ce_sum / ce_tokens if ce_tokens else None), counts
 
 
 def add_routing(counts, routing, image_mask, attention_mask):
     """Add one batch's RoutingStats (a list over MoE layers) to the counts, and its tokens' top-1 pathways."""
     for i, stats in enumerate(routing):
-        counts.topk[i] += stats.expert_counts.cpu()
-        counts.top1[i] += stats.top1_counts.cpu()
+        counts.topk_counts[i] += stats.expert_counts.cpu()
+        counts.top1_counts[i] += stats.top1_counts.cpu()
         counts.dropped[i] += int(stats.dropped)
     real = attention_mask.bool()
-    is_image = image_mask[real]
-    counts.tokens += torch.stack([(~is_image).sum(), is_image.sum()]).cpu()
+    is_image = image_mask[real].cpu()
+    counts.tokens += torch.stack([(~is_image).sum(), is_image.sum()])
     paths = torch.stack([s.expert_index[..., 0][real] for s in routing], dim=-1).cpu()  # (N, L) top-1 per layer
     for modality in (0, 1):
-        rows, n = torch.unique(paths[is_image.cpu() == bool(modality)], dim=0, return_counts=True)
+        rows, n = torch.unique(paths[is_image == bool(modality)], dim=0, return_counts=True)
         counts.pathways[modality].update({tuple(r): int(c) for r, c in zip(rows.tolist(), n.tolist())})
 
 
@@ -399,31 +425,45 @@ def add_routing(counts, routing, image_mask, attention_mask):
 # 6. The routing summary: shares, modality split, balance, dropped, pathways
 
 
+def shares(counts):
+    """Counts (..., E) as fractions of their row: each expert's share of a layer's assignments."""
+    counts = counts.double()
+    return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+
+def image_share_rescaled(counts):
+    """(L, 2, E) text/image counts -> (L, E): the image part of each expert's traffic after rescaling each modality
+    by its own total (MoE-LLaVA's modality plot), so 0.5 means the expert takes both modalities alike."""
+    per_modality = shares(counts)  # (L, 2, E): an expert's share of its layer's text, and of its image tokens
+    return per_modality[:, 1] / (per_modality[:, 0] + per_modality[:, 1]).clamp(min=1e-12)
+
+
 def routing_summary(counts, top_paths=10):
     """The numbers behind the plots, as plain lists (JSON-able). Shares are fractions of a layer's assignments."""
-    topk_all = counts.topk.sum(1).double()  # (L, E)
-    top1_all = counts.top1.sum(1).double()
-    share = lambda c: (c / c.sum(-1, keepdim=True).clamp(min=1)).tolist()  # noqa: E731
-    # MoE-LLaVA's modality split rescales each modality by its own total, so that 50% means "no preference"
-    per_modality = counts.topk.double() / counts.topk.sum(-1, keepdim=True).clamp(min=1).double()  # (L, 2, E)
-    image_rescaled = per_modality[:, 1] / (per_modality[:, 0] + per_modality[:, 1]).clamp(min=1e-12)
-    raw_image = counts.topk[:, 1].double() / counts.topk.sum(1).clamp(min=1).double()
-    load = topk_all / topk_all.sum(-1, keepdim=True).clamp(min=1)
-    assignments = counts.tokens.sum() * counts.top_k
+    load = shares(counts.topk_counts.sum(1))  # (L, E), text and image together
+    balance_cv = load.std(-1, unbiased=False) / load.mean(-1).clamp(min=1e-12)
+    assignments = max(int(counts.tokens.sum()) * counts.top_k, 1)
     pathways = {}
     for name, counter in zip(("text", "image"), counts.pathways):
         total = sum(counter.values()) or 1
         pathways[name] = [{"experts": list(p), "share": n / total} for p, n in counter.most_common(top_paths)]
     return {
-        "layers": counts.layers, "num_experts": counts.topk.shape[-1], "top_k": counts.top_k,
+        "layers": counts.layers, "num_experts": counts.topk_counts.shape[-1], "top_k": counts.top_k,
+        "capacity_factor": counts.capacity_factor,
         "tokens": {"text": int(counts.tokens[0]), "image": int(counts.tokens[1])},
-        "topk_counts": counts.topk.tolist(), "top1_counts": counts.top1.tolist(),  # [layer][text, image][expert]
-        "topk_share": share(topk_all), "top1_share": share(top1_all),
-        "topk_share_text": share(counts.topk[:, 0].double()), "topk_share_image": share(counts.topk[:, 1].double()),
-        "image_share_rescaled": image_rescaled.tolist(), "image_share_raw": raw_image.tolist(),
+        "topk_counts": counts.topk_counts.tolist(),  # [layer][text, image][expert]
+        "top1_counts": counts.top1_counts.tolist(),
+        "topk_share": load.tolist(), "top1_share": shares(counts.top1_counts.sum(1)).tolist(),
+        "topk_share_text": shares(counts.topk_counts[:, 0]).tolist(),
+        "topk_share_image": shares(counts.topk_counts[:, 1]).tolist(),
+        "top1_share_text": shares(counts.top1_counts[:, 0]).tolist(),
+        "top1_share_image": shares(counts.top1_counts[:, 1]).tolist(),
+        "image_share_rescaled": image_share_rescaled(counts.topk_counts).tolist(),
+        "image_share_rescaled_top1": image_share_rescaled(counts.top1_counts).tolist(),
+        "image_share_raw": shares(counts.topk_counts.transpose(1, 2))[..., 1].tolist(),  # no rescaling
         "max_over_mean_load": (load.max(-1).values * load.shape[-1]).tolist(),  # 1.0 = perfectly balanced
-        "cv_load": (load.std(-1, unbiased=False) / load.mean(-1)).tolist(),  # coefficient of variation
-        "dropped_fraction": (counts.dropped.double() / max(int(assignments), 1)).tolist(),
+        "cv_load": balance_cv.tolist(),  # coefficient of variation of the experts' loads; 0 = balanced
+        "dropped_fraction": (counts.dropped.double() / assignments).tolist(),
         "pathways": pathways,
     }
 
@@ -500,39 +540,64 @@ def plot_expert_load(summary, path):
 
 def plot_modality_split(summary, path):
     """Per expert (one panel per layer), how its traffic splits between image and text tokens, each modality
-    rescaled by its own token count (MoE-LLaVA's Fig. 7 style: 50% = no preference)."""
+    rescaled by its own token count (MoE-LLaVA's modality plot: 50% = no preference); top-k and top-1 rows."""
     L, E = len(summary["layers"]), summary["num_experts"]
-    fig, axes = new_figure(L, width=3.2)
-    for i, ax in enumerate(axes[0]):
-        image = summary["image_share_rescaled"][i]
-        ax.bar(range(E), image, color="tab:orange", label="image")
-        ax.bar(range(E), [1 - v for v in image], bottom=image, color="tab:blue", label="text")
-        ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
-        ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
-        ax.set_ylim(0, 1)
-        ax.set_title(f"layer {summary['layers'][i]}")
-        ax.set_xlabel("expert")
-    axes[0][0].set_ylabel("share of the expert's tokens (rescaled)")
-    axes[0][-1].legend(fontsize="small", loc="lower right")
+    fig, axes = new_figure(L, nrows=2, width=3.2, height=3.0)
+    for row, (key, which) in enumerate((("image_share_rescaled", f"top-{summary['top_k']}"),
+                                        ("image_share_rescaled_top1", "top-1"))):
+        for i, ax in enumerate(axes[row]):
+            image = summary[key][i]
+            ax.bar(range(E), image, color="tab:orange", label="image")
+            ax.bar(range(E), [1 - v for v in image], bottom=image, color="tab:blue", label="text")
+            ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+            ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
+            ax.set_ylim(0, 1)
+            ax.set_title(f"layer {summary['layers'][i]}, {which}")
+        axes[row][0].set_ylabel("share of the expert's tokens\n(each modality rescaled)")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Modality split per expert: image vs text")
     fig.savefig(path, dpi=120)
 
 
 def plot_load_heatmap(summary, path):
-    """Layer x expert share of top-k assignments: all tokens, text tokens, image tokens."""
-    fig, axes = new_figure(3, width=3.6, height=0.6 * len(summary["layers"]) + 2.2)
-    E = summary["num_experts"]
-    for ax, key, title in zip(axes[0], ("topk_share", "topk_share_text", "topk_share_image"),
-                              ("all tokens", "text tokens", "image tokens")):
-        grid = np.array(summary[key])
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(2 / E, float(grid.max())), aspect="auto")
-        for (i, e), v in np.ndenumerate(grid):
-            ax.text(e, i, f"{v:.2f}", ha="center", va="center", color="white" if v < grid.max() * 0.6 else "black",
-                    fontsize="small")
-        ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
-        ax.set_yticks(range(len(summary["layers"])), [f"layer {i}" for i in summary["layers"]])
-        ax.set_title(f"top-{summary['top_k']} share: {title}")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of the layer's assignments")
+    """Layer x expert share of the assignments: all tokens, text tokens, image tokens; top-k and top-1 rows."""
+    E, L = summary["num_experts"], len(summary["layers"])
+    fig, axes = new_figure(3, nrows=2, width=3.6, height=0.5 * L + 1.8)
+    for row, which in enumerate(("topk", "top1")):
+        label = f"top-{summary['top_k']}" if which == "topk" else "top-1"
+        for ax, part, title in zip(axes[row], ("", "_text", "_image"), ("all tokens", "text tokens", "image tokens")):
+            grid = np.array(summary[f"{which}_share{part}"])
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(2 / E, float(grid.max())), aspect="auto")
+            for (i, e), v in np.ndenumerate(grid):
+                ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize="small",
+                        color="white" if v < grid.max() * 0.6 else "black")
+            ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
+            ax.set_yticks(range(L), [f"layer {i}" for i in summary["layers"]])
+            ax.set_title(f"{label} share: {title}")
+        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8, label="share of the layer's assignments")
+    fig.savefig(path, dpi=120)
+
+
+def plot_balance(summary, path):
+    """Per MoE layer: max/mean expert load and its coefficient of variation, and the dropped assignments."""
+    fig, axes = new_figure(2, width=max(3.6, 0.9 * len(summary["layers"]) + 2.4))
+    names = [f"layer {i}" for i in summary["layers"]]
+    x = np.arange(len(names))
+    ax = axes[0][0]
+    ax.bar(x - 0.2, summary["max_over_mean_load"], 0.4, color="tab:purple", label="max / mean load")
+    ax.bar(x + 0.2, summary["cv_load"], 0.4, color="tab:gray", label="coefficient of variation")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(x, names)
+    ax.set_title("Load balance (top-k; balanced: 1 and 0)")
+    ax.legend(fontsize="small")
+    ax = axes[0][1]
+    dropped = [100 * d for d in summary["dropped_fraction"]]
+    bars = ax.bar(x, dropped, 0.5, color="tab:red")
+    ax.bar_label(bars, [f"{d:.2f}%" for d in dropped])
+    ax.set_ylim(0, max(1.0, 1.2 * max(dropped)))
+    ax.set_xticks(x, names)
+    ax.set_ylabel("% of top-k assignments")
+    ax.set_title(f"Dropped at the evaluation capacity (cf {summary['capacity_factor']})")
     fig.savefig(path, dpi=120)
 
 
@@ -576,20 +641,23 @@ def plot_pathways(summary, path):
     fig.savefig(path, dpi=120)
 
 
-def write_routing_outputs(summary, records, out):
-    """routing.json, routing.csv, routing_training.csv and the plots; returns the files written."""
+def write_routing_outputs(summary, records, out, plots=True):
+    """routing.json, routing.csv, routing_training.csv and (plots=True) the PNGs; returns the files written."""
     D.write_json(os.path.join(out, "routing.json"), summary)
     write_routing_csv(summary, os.path.join(out, "routing.csv"))
     files = ["routing.json", "routing.csv"]
-    plots = [("expert_load.png", plot_expert_load), ("modality_split.png", plot_modality_split),
-             ("load_heatmap.png", plot_load_heatmap), ("pathways.png", plot_pathways)]
-    for name, plot in plots:
-        plot(summary, os.path.join(out, name))
-        files.append(name)
     if records:
         write_training_csv(records, os.path.join(out, "routing_training.csv"))
-        plot_training_load(records, summary["num_experts"], os.path.join(out, "load_over_training.png"))
-        files += ["routing_training.csv", "load_over_training.png"]
+        files.append("routing_training.csv")
+    if plots:
+        for name, plot in (("expert_load.png", plot_expert_load), ("modality_split.png", plot_modality_split),
+                           ("load_heatmap.png", plot_load_heatmap), ("balance.png", plot_balance),
+                           ("pathways.png", plot_pathways)):
+            plot(summary, os.path.join(out, name))
+            files.append(name)
+        if records:
+            plot_training_load(records, summary["num_experts"], os.path.join(out, "load_over_training.png"))
+            files.append("load_over_training.png")
     return files
 
 
@@ -597,16 +665,48 @@ def write_routing_outputs(summary, records, out):
 # 8. One checkpoint's evaluation, and the report
 
 
+@dataclass
+class EvalData:
+    """What is evaluated: the same for every checkpoint of a --compare."""
+
+    folder: str  # image paths are relative to it
+    answer_file: str  # the conversations (VQA and the answer loss)
+    samples: list  # their samples (after --limit)
+    caption_file: str = None  # the captions (caption loss); built-in data only
+    captions: list = None
+    scenes: list = None  # each test image's objects (POPE); built-in data only
+    train_scenes: list = None  # the training scenes, for POPE's frequencies
+
+
+def resolve_data(config, meta, log=print):
+    """The user's file, or the built-in split of the data set the checkpoint was trained on (drawn if missing)."""
+    cut = slice(config.limit) if config.limit > 0 else slice(None)
+    try:
+        if config.data_path:
+            log("POPE: skipped for --data_path (it needs each image's object list: the built-in scenes)")
+            return EvalData(config.image_folder or os.path.dirname(config.data_path), config.data_path,
+                            D.read_json(config.data_path)[cut])
+        folder = config.data_dir or meta["train_config"]["data_dir"]
+        D.ensure_builtin(folder, D.BuiltinConfig(**meta["data_config"]), progress=config.progress)
+        path = lambda name: os.path.join(folder, f"{name}_{config.split}.json")  # noqa: E731
+        return EvalData(folder, path("instruct"), D.read_json(path("instruct"))[cut], path("captions"),
+                        D.read_json(path("captions"))[cut], D.read_json(path("scenes"))[cut],
+                        D.read_json(os.path.join(folder, "scenes_train.json")))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def run_vqa(vlm, tokenizer, samples, folder, config, device, out, log):
+def run_vqa(vlm, tokenizer, data, config, device, out, log):
     """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
-    questions, skipped = vqa_questions(samples, folder, tokenizer, vlm, config, log)
+    questions, skipped = vqa_questions(data.samples, data.folder, tokenizer, vlm, config, log)
     if not questions:
-        raise SystemExit("error: the data has no question the model can be asked; see the skipped counts above")
+        raise SystemExit(f"error: {data.answer_file} has no question the model can be asked; see the skipped "
+                         f"counts above")
     answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA")
     write_jsonl(os.path.join(out, "answers.jsonl"), (
         {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
@@ -614,10 +714,10 @@ def run_vqa(vlm, tokenizer, samples, folder, config, device, out, log):
     return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
 
 
-def run_pope(vlm, tokenizer, scenes, train_scenes, folder, config, device, out):
-    """POPE metrics per split, and pope_answers.jsonl."""
-    probe = pope_probe(scenes, train_scenes, config.pope_per_image, config.seed)
-    unique = pope_questions(probe, folder, tokenizer, vlm, config)
+def run_pope(vlm, tokenizer, data, config, device, out):
+    """POPE metrics per split and their mean, and pope_answers.jsonl."""
+    probe = pope_probe(data.scenes, data.train_scenes, config.pope_per_image, config.seed)
+    unique = pope_questions(probe, data.folder, tokenizer, vlm, config)
     said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
                                              config.progress, "POPE")))
     metrics, records = {}, []
@@ -628,37 +728,31 @@ def run_pope(vlm, tokenizer, scenes, train_scenes, folder, config, device, out):
         records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
                      "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
     write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
+    # one figure per checkpoint: the mean over the three splits
+    metrics["average"] = {k: float(np.mean([metrics[s][k] for s in POPE_SPLITS]))
+                          for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    metrics["average"]["n"] = sum(metrics[s]["n"] for s in POPE_SPLITS)
     return metrics
 
 
-def evaluate(config, ckpt, out, log=print):
-    """Evaluate one checkpoint: VQA, POPE (built-in data), losses, routing. Writes metrics.json, answers.jsonl,
-    pope_answers.jsonl and the routing files into out; returns the metrics."""
+def examples_of(samples, path, template, folder, tokenizer, vlm, log):
+    """Teacher-forcing Examples of samples (bad ones skipped and counted), for the losses."""
+    return D.load_examples(path, folder, tokenizer, template, vlm.num_image_tokens, vlm.config.llm.max_seq_len,
+                           max_bad_fraction=1.0, log=log, samples=samples)
+
+
+def evaluate(config, model, data, out, log=print):
+    """Evaluate one loaded checkpoint (load_model's triple) on data: VQA, POPE (built-in data), losses, routing.
+    Writes metrics.json, answers.jsonl, pope_answers.jsonl and the routing files into out; returns the metrics."""
     t_start = time.time()
-    device = pick_device(config.device)
-    vlm, tokenizer, meta = load_model(ckpt, device)
+    vlm, tokenizer, meta = model
+    device = next(vlm.parameters()).device
     os.makedirs(out, exist_ok=True)
     moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
-    log(f"{ckpt}: stage {meta.get('stage')}, step {meta.get('step')}, "
+    log(f"{meta['checkpoint']}: stage {meta.get('stage')}, step {meta.get('step')}, "
         + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
-    limit = (lambda items: items[:config.limit]) if config.limit > 0 else (lambda items: items)
-
-    # the data: the user's file, or the built-in split of the data set the checkpoint was trained on
-    try:
-        if config.data_path:
-            folder = config.image_folder or os.path.dirname(config.data_path)
-            answer_file, caption_file, scenes = config.data_path, None, None
-        else:
-            folder = config.data_dir or meta["train_config"]["data_dir"]
-            D.ensure_builtin(folder, D.BuiltinConfig(**meta["data_config"]), progress=config.progress)
-            answer_file = os.path.join(folder, f"instruct_{config.split}.json")
-            caption_file = os.path.join(folder, f"captions_{config.split}.json")
-            scenes = limit(D.read_json(os.path.join(folder, f"scenes_{config.split}.json")))
-        samples = limit(D.read_json(answer_file))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    metrics = {"checkpoint": ckpt, "stage": meta.get("stage"), "step": meta.get("step"), "data": answer_file,
-               "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
+    metrics = {"checkpoint": meta["checkpoint"], "stage": meta.get("stage"), "step": meta.get("step"),
+               "data": data.answer_file, "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
 
     def timed(name, what, *args):
         t0 = time.time()
@@ -667,31 +761,24 @@ def evaluate(config, ckpt, out, log=print):
         log(f"  {name}: {metrics['seconds'][name]:.1f} s")
         return result
 
-    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, samples, folder, config, device, out,
-                                               log)
-    if scenes is not None:  # POPE needs each image's object list: the built-in scenes
-        train_scenes = D.read_json(os.path.join(folder, "scenes_train.json"))
-        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, scenes, train_scenes, folder, config, device, out)
-
-    # losses, and the routing counts of the answer-loss pass
-    load = lambda path, samples, template: D.load_examples(  # noqa: E731
-        path, folder, tokenizer, template, vlm.num_image_tokens, vlm.config.llm.max_seq_len, max_bad_fraction=1.0,
-        log=log, samples=samples)
-    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, load(answer_file, samples, "chat"),
-                              tokenizer, config.batch_size, device, config.progress, "answer loss")
+    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log)
+    if data.scenes is not None:
+        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out)
+    answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
+    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
+                              config.batch_size, device, config.progress, "answer loss")
     metrics["loss"] = {"answer_ce": answer_ce}
-    if caption_file:
-        captions = load(caption_file, limit(D.read_json(caption_file)), "plain")
+    if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
+        captions = examples_of(data.captions, data.caption_file, "plain", data.folder, tokenizer, vlm, log)
         metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
                                                  config.batch_size, device, config.progress, "caption loss")
     metrics["routing"] = None
     if counts is not None:
         summary = routing_summary(counts)
         metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
-                                                      "dropped_fraction")}
-        metrics["routing"]["eval_capacity_factor"] = vlm.llm.config.moe.eval_capacity_factor
-        records = training_routing(os.path.join(ckpt, "log.jsonl"))
-        metrics["routing"]["files"] = write_routing_outputs(summary, records, out) if config.plots else []
+                                                      "capacity_factor", "dropped_fraction")}
+        records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
+        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots)
     metrics["seconds"]["total"] = round(time.time() - t_start, 1)
     D.write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
@@ -701,9 +788,9 @@ def metric_rows(m):
     """(label, value text) rows of one checkpoint's metrics, in the table's order."""
     rows = [(f"VQA {t} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in m["vqa"].items()]
     for split, p in (m.get("pope") or {}).items():
-        rows.append((f"POPE {split}: acc / prec / rec / F1 / yes", " / ".join(
+        rows.append((f"POPE {split} (n={p['n']}): acc / prec / rec / F1 / yes", " / ".join(
             f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
-    rows += [(f"{name.replace('_', ' ')}", f"{v:.4f}") for name, v in m["loss"].items()]
+    rows += [(name.replace("_", " "), "-" if v is None else f"{v:.4f}") for name, v in m["loss"].items()]
     if m.get("routing"):
         r = m["routing"]
         for i, layer in enumerate(r["layers"]):
@@ -740,35 +827,53 @@ def parse_args(argv):
         T.add_field(p, f.name, f, f"{helps.get(f.name, '')} (default {f.default!r})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     config = EvalConfig(**given)
-    if not config.ckpt:
-        p.error("--ckpt is required: the checkpoint folder to evaluate, e.g. out/stage3")
-    if config.split not in ("test", "val"):
-        p.error(f"--split={config.split}: choose test or val")
-    if config.image and not config.prompt:
-        p.error("--image needs --prompt: the question to ask about it")
+    chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit")
+                 if name in given]
+    problems = [
+        (not config.ckpt, "--ckpt is required: the checkpoint folder to evaluate, e.g. out/stage3"),
+        (config.split not in ("test", "val"), f"--split={config.split}: choose test or val"),
+        (config.image and not config.prompt, "--image needs --prompt: the question to ask about it"),
+        (config.prompt and chat_only, f"--prompt answers one question; --{', --'.join(chat_only)} belong to a "
+                                      f"full evaluation"),
+        (config.image_folder and not config.data_path, "--image_folder goes with --data_path (the built-in data "
+                                                       "set knows its images)"),
+        (config.data_path and config.data_dir, "--data_dir is the built-in data set; --data_path replaces it"),
+        (config.limit < 0, "--limit must be 0 (everything) or a positive count"),
+    ] + [(getattr(config, name) < 1, f"--{name} must be at least 1")
+         for name in ("batch_size", "max_new_tokens", "description_tokens", "pope_per_image")]
+    for bad, message in problems:
+        if bad:
+            p.error(message)
     return config
 
 
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
+    device = pick_device(config.device)
+    model = load_model(config.ckpt, device)
     if config.prompt:  # single-image chat
-        device = pick_device(config.device)
-        vlm, tokenizer, _ = load_model(config.ckpt, device)
-        answer = chat(vlm, tokenizer, config.prompt, config.image, device, config.max_new_tokens)
+        answer = chat(*model[:2], config.prompt, config.image, device, config.max_new_tokens)
         print(answer)
         return answer
     out = config.out or os.path.join(config.ckpt, "eval")
-    results = [evaluate(config, config.ckpt, out)]
-    if config.compare:
-        results.append(evaluate(config, config.compare, os.path.join(config.compare, "eval")))
+    data = resolve_data(config, model[2])
+    results = [evaluate(config, model, data, out)]
+    if config.compare:  # the second checkpoint answers the same questions
+        trained_on = model[2].get("data_config")
+        del model
+        second = load_model(config.compare, device)
+        if not config.data_path and second[2].get("data_config") != trained_on:
+            print(f"note: {config.compare} was trained on a different built-in data set than {config.ckpt}; both "
+                  f"are evaluated on {data.folder}")
+        results.append(evaluate(config, second, data, os.path.join(out, "compare")))
     table = format_table(results)
     print("\n" + table)
     if config.compare:
         with open(os.path.join(out, "compare.txt"), "w") as f:
             f.write(table + "\n")
-    print(f"\nwrote {os.path.join(out, 'metrics.json')}, answers.jsonl" +
-          (", routing plots and their numbers" if results[0].get("routing") else "") +
-          (f"; {config.compare}'s evaluation in {os.path.join(config.compare, 'eval')}" if config.compare else ""))
+    written = ["metrics.json", "answers.jsonl"] + (["pope_answers.jsonl"] if data.scenes is not None else []) + \
+        (results[0]["routing"] or {}).get("files", []) + (["compare.txt", "compare/"] if config.compare else [])
+    print(f"\nwrote into {out}: {', '.join(written)}")
     return results
 
 

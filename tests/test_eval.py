@@ -1,10 +1,12 @@
 """eval.py: answer normalisation, POPE's metrics, parsing and negative sampling, batched answers, routing counts,
 the plots and the command line, on hand-made inputs and a tiny trained checkpoint."""
 import collections
+import dataclasses
 import json
 import os
 import random
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -88,6 +90,8 @@ def test_pope_parsing_reads_the_first_sentence_for_no_or_not():
     assert not E.pope_says_yes("There is not a red circle in the image.")
     assert E.pope_says_yes("Yes. There is no other object.")  # only the first sentence counts
     assert E.pope_says_yes("Nothing looks wrong") and E.pope_says_yes("")  # not the words "no"/"not": yes
+    assert not E.pope_says_yes("no, none")  # commas are deleted before the split, as in POPE's code
+    assert E.pope_says_yes("Not really") and E.pope_says_yes("NO")  # POPE's code is case-sensitive; so are we
 
 
 def world(n, seed):
@@ -136,17 +140,65 @@ def test_random_negatives_change_with_the_seed_only():
 # generation and routing counts on a tiny trained checkpoint
 
 
+def test_vqa_scores_by_type_leave_out_unanswered_questions():
+    q = lambda qtype, answer: E.Question(np.zeros(3, np.int32), None, answer, qtype, "?", 4)  # noqa: E731
+    questions = [q("colour", "red"), q("colour", "blue"), q("count", "2"), q("count", "3"), q("shape", "circle")]
+    scores = E.vqa_scores(questions, ["Red.", "green", "two", None, "circle"])
+    assert scores["colour"] == {"accuracy": 0.5, "n": 2}
+    assert scores["count"] == {"accuracy": 1.0, "n": 1}  # the unanswered one is not counted
+    assert scores["overall"] == {"accuracy": 0.75, "n": 4} and list(scores)[-1] == "overall"
+
+
+class EchoLengthVLM:
+    """A stand-in whose 'answer' to each prompt is the prompt's length: any misalignment of answers shows."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.config = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8))
+        self.calls = []
+
+    def generate(self, ids, images, mask, eos_id, max_new_tokens):
+        self.calls.append(max_new_tokens)
+        rows = [self.tokenizer.encode(str(int(m.sum()))) for m in mask]
+        out = torch.full((len(rows), max_new_tokens), eos_id)
+        for r, toks in enumerate(rows):
+            out[r, :len(toks)] = torch.tensor(toks)
+        return out
+
+
+def test_answers_come_back_in_question_order_and_batches_do_not_mix_lengths(pipeline):
+    _, data_dir = pipeline
+    tok = D.load_tokenizer("builtin", data_dir)
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation(np.arange(3, 40))
+    questions = [E.Question(np.ones(n, np.int32), None, "", "t", "?", 9 if n % 3 else 4) for n in lengths]
+    vlm = EchoLengthVLM(tok)
+    answers = E.generate_answers(vlm, tok, questions, torch.device("cpu"), batch_size=5, progress=False)
+    assert answers == [str(n) for n in lengths]
+    assert sorted(vlm.calls) == [4] * 3 + [9] * 5  # 13 and 24 questions in chunks of 5, never mixed
+
+
 def test_batched_answers_equal_one_at_a_time(pipeline):
     out, data_dir = pipeline
     vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
     config = E.EvalConfig(max_new_tokens=5, description_tokens=9)
-    questions, _ = E.vqa_questions(D.read_json(os.path.join(data_dir, "instruct_test.json")), data_dir, tok, vlm,
+    questions, _ = E.vqa_questions(D.read_json(os.path.join(data_dir, "instruct_test.json"))[:5], data_dir, tok, vlm,
                                    config)
-    assert len(questions) > 6 and len({len(q.prompt) for q in questions}) > 1  # left padding is exercised
+    assert len(questions) > 5 and len({len(q.prompt) for q in questions}) > 1  # left padding is exercised
     batched = E.generate_answers(vlm, tok, questions, torch.device("cpu"), batch_size=4, progress=False)
     alone = [E.generate_answers(vlm, tok, [q], torch.device("cpu"), batch_size=1, progress=False)[0]
              for q in questions]
     assert batched == alone and all(isinstance(a, str) for a in batched)
+
+
+def test_a_long_prompt_and_a_long_answer_share_no_batch(pipeline):
+    out, data_dir = pipeline
+    vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
+    room = vlm.config.llm.max_seq_len
+    questions = [E.Question(np.full(room - 4, 5, np.int32), None, "", "t", "?", 4),
+                 E.Question(np.full(10, 5, np.int32), None, "", "t", "?", room - 10)]
+    answers = E.generate_answers(vlm, tok, questions, torch.device("cpu"), batch_size=8, progress=False)
+    assert all(isinstance(a, str) for a in answers)  # together they would need room + 26 positions
 
 
 def test_routing_counts_sum_to_real_tokens_times_k(pipeline):
@@ -162,15 +214,28 @@ def test_routing_counts_sum_to_real_tokens_times_k(pipeline):
     assert counts.layers == [0, 2] and np.isfinite(ce)
     assert counts.tokens.tolist() == [real - image, image]
     for layer in range(2):
-        assert int(counts.topk[layer].sum()) == real * k
-        assert int(counts.top1[layer].sum()) == real
-        assert counts.topk[layer][1].sum() == image * k  # image row counts image tokens only
+        assert int(counts.topk_counts[layer].sum()) == real * k
+        assert int(counts.top1_counts[layer].sum()) == real
+        assert counts.topk_counts[layer][1].sum() == image * k  # image row counts image tokens only
     for modality, n in ((0, real - image), (1, image)):
         assert sum(counts.pathways[modality].values()) == n
     summary = E.routing_summary(counts)
     assert np.allclose(np.sum(summary["topk_share"], axis=1), 1.0)
+    assert np.allclose(np.sum(summary["top1_share_image"], axis=1), 1.0)
     assert all(x >= 1.0 for x in summary["max_over_mean_load"]) and all(0 <= d <= 1 for d in
                                                                          summary["dropped_fraction"])
+
+
+def test_the_modality_split_rescales_each_modality_by_its_own_total():
+    counts = E.RoutingCounts.zeros([0], top_k=1, num_experts=2, capacity_factor=2.0)
+    counts.topk_counts[0] = torch.tensor([[50, 50], [150, 150]])  # 100 text and 300 image tokens, spread alike
+    counts.top1_counts[0] = torch.tensor([[100, 0], [0, 300]])  # expert 0 all text, expert 1 all image
+    counts.tokens[:] = torch.tensor([100, 300])
+    s = E.routing_summary(counts)
+    assert s["image_share_rescaled"] == [[0.5, 0.5]]  # no preference, although 3/4 of the traffic is image
+    assert s["image_share_raw"] == [[0.75, 0.75]]
+    assert s["image_share_rescaled_top1"] == [[0.0, 1.0]]
+    assert s["max_over_mean_load"] == [1.0] and s["cv_load"] == [0.0]
 
 
 def test_a_tight_evaluation_capacity_drops_and_reports_it(pipeline):
@@ -180,11 +245,11 @@ def test_a_tight_evaluation_capacity_drops_and_reports_it(pipeline):
                                vlm.num_image_tokens, vlm.config.llm.max_seq_len)
     for block in vlm.llm.blocks:
         if block.is_moe:
-            block.ffn.config = E.dataclasses.replace(block.ffn.config, eval_capacity_factor=0.25, min_capacity=1)
+            block.ffn.config = dataclasses.replace(block.ffn.config, eval_capacity_factor=0.25, min_capacity=1)
     _, counts = E.loss_and_routing(vlm, examples, tok, batch_size=8, device=torch.device("cpu"), progress=False)
     summary = E.routing_summary(counts)
     assert all(0.3 < d < 1 for d in summary["dropped_fraction"])  # at most a quarter of the choices fit
-    assert int(counts.topk[0].sum()) == counts.tokens.sum() * 2  # counts are before dropping
+    assert int(counts.topk_counts[0].sum()) == counts.tokens.sum() * 2  # counts are before dropping
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,10 +269,11 @@ def test_eval_writes_metrics_answers_and_valid_png_plots(pipeline, tmp_path):
     result = E.main(["--ckpt", str(out / "stage3"), "--data_dir", data_dir, "--out", str(tmp_path), *QUIET])[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["vqa"] == json.loads(json.dumps(result["vqa"]))
-    assert set(metrics["pope"]) == {"random", "popular", "adversarial"}
+    assert set(metrics["pope"]) == {"random", "popular", "adversarial", "average"}
     assert set(metrics["loss"]) == {"answer_ce", "caption_ce"}
     assert metrics["routing"]["layers"] == [0, 2]
-    plots = ["expert_load.png", "modality_split.png", "load_heatmap.png", "pathways.png", "load_over_training.png"]
+    plots = ["expert_load.png", "modality_split.png", "load_heatmap.png", "balance.png", "pathways.png",
+             "load_over_training.png"]
     for name in plots:
         assert is_png(tmp_path / name), name
     for name in ("routing.json", "routing.csv", "routing_training.csv", "answers.jsonl", "pope_answers.jsonl"):
@@ -228,9 +294,11 @@ def test_compare_puts_two_checkpoints_side_by_side(pipeline, tmp_path):
     results = E.main(["--ckpt", str(a), "--compare", str(b), "--data_dir", data_dir, "--plots=false", *QUIET])
     assert [r["stage"] for r in results] == [3, 2]
     assert results[1]["routing"] is None  # stage II is dense
+    assert results[0]["vqa"]["overall"]["n"] == results[1]["vqa"]["overall"]["n"]  # the same questions
     table = (a / "eval" / "compare.txt").read_text()
     assert str(a) in table and str(b) in table and "POPE adversarial" in table
-    assert (b / "eval" / "metrics.json").exists()
+    assert (a / "eval" / "compare" / "metrics.json").exists()
+    assert (a / "eval" / "routing.csv").exists() and not (a / "eval" / "expert_load.png").exists()
 
 
 def test_single_image_chat_prints_an_answer(pipeline, capsys):
@@ -239,6 +307,9 @@ def test_single_image_chat_prints_an_answer(pipeline, capsys):
     answer = E.main(["--ckpt", str(out / "stage3"), "--image", image, "--prompt", "What colour is the circle?",
                      "--max_new_tokens=4", "--progress=false"])
     assert isinstance(answer, str) and capsys.readouterr().out.strip() == answer
+    assert E.main(["--ckpt", str(out / "stage3"), "--image", image, "--prompt", "<image>\nWhat colour is the circle?",
+                   "--max_new_tokens=4"]) == answer  # a LLaVA-style placeholder in the prompt is not doubled
+    capsys.readouterr()
     with pytest.raises(SystemExit, match="cannot be read"):
         E.main(["--ckpt", str(out / "stage3"), "--image", str(out / "stage3" / "meta.json"), "--prompt", "Hi?"])
     with pytest.raises(SystemExit):
@@ -260,8 +331,16 @@ def test_user_data_is_evaluated_and_bad_samples_are_skipped(pipeline, tmp_path):
     assert set(metrics["loss"]) == {"answer_ce"}
 
 
-def test_a_missing_checkpoint_or_bad_option_is_one_clear_error(tmp_path):
+def test_a_missing_checkpoint_or_bad_option_is_one_clear_error(pipeline, tmp_path, capsys):
+    out, _ = pipeline
     with pytest.raises(SystemExit, match="does not exist.*train.py"):
         E.main(["--ckpt", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit):
-        E.main(["--ckpt", str(tmp_path), "--no_such_option=1"])
+    bad = {"--no_such_option=1": "unrecognized arguments", "--batch_size=0": "at least 1",
+           "--pope_per_image=-1": "at least 1", "--image_folder=x": "goes with --data_path",
+           "--compare=x --prompt=hi": "--compare belong", "--split=train": "choose test or val"}
+    for args, message in bad.items():
+        with pytest.raises(SystemExit) as stop:
+            E.main(["--ckpt", str(out / "stage3"), *args.split()])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, args
+    with pytest.raises(SystemExit, match="no CUDA GPU" if not torch.cuda.is_available() else "not a device"):
+        E.main(["--ckpt", str(out / "stage3"), "--device=cuda" if not torch.cuda.is_available() else "--device=gpu"])
