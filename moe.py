@@ -13,7 +13,8 @@ Read it top to bottom:
   4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP);
                                      each computes one expert (readable) or all experts at once (grouped)
   5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul);
-                                     kernels/ holds the same as an optional CUDA extension (dispatch="cuda")
+                                     kernels/ holds the same as an optional CUDA extension (dispatch="cuda");
+                                     dispatch_expert_parallel: the experts spread over ranks (all_to_all)
   6. MoELayer                        the pieces joined, returning (output, RoutingStats)
   7. upcycling                       MoELayer.upcycle: every expert a copy of a trained dense FFN
 
@@ -26,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -337,6 +339,82 @@ def extension_serves(x, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 5b. Expert parallelism: each rank of an expert-parallel group holds E / ep of the experts
+#
+# dispatch_sorted with a journey in the middle: the expert-sorted rows are cut by the rank that holds their
+# expert and exchanged with all_to_all; each rank runs its experts on what it received (from every rank of the
+# group) and sends the results back the same way. The sizes travel first, so every rank knows what it receives.
+# GShard (arXiv 2006.16668) and DeepSpeed-MoE do this; here it is torch.distributed's all_to_all_single.
+
+
+class Exchange(torch.autograd.Function):
+    """all_to_all of rows: send_sizes[r] rows go to rank r, recv_sizes[r] rows arrive from it, in rank order.
+    Its backward is the same exchange in reverse: the gradient of each row goes home."""
+
+    @staticmethod
+    def forward(ctx, rows, send_sizes, recv_sizes, group):
+        ctx.send_sizes, ctx.recv_sizes, ctx.group = send_sizes, recv_sizes, group
+        out = rows.new_empty(sum(recv_sizes), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), recv_sizes, send_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty(sum(ctx.send_sizes), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send_sizes, ctx.recv_sizes, group=ctx.group)
+        return back, None, None, None
+
+
+def dispatch_expert_parallel(x, experts, expert_index, weights, keep, group, num_experts, use_grouped_mm=False):
+    """dispatch_sorted over an expert-parallel group: this rank holds experts [rank * L, (rank + 1) * L) of
+    num_experts, L = experts.num_experts; x, expert_index, weights, keep are this rank's own tokens.
+
+    1. Sort this rank's kept assignments by (global) expert, as dispatch_sorted does; since experts are laid out
+       rank by rank, the rows bound for each rank are then contiguous.
+    2. Exchange the per-expert counts (all_to_all of E numbers), so each rank knows how many rows arrive.
+    3. Send the rows to their experts' ranks; regroup what arrived (by source rank, then expert) by local
+       expert, run the local experts, put the results back in arrival order.
+    4. Send the results home and combine each token's k slots, as dispatch_sorted does.
+    An expert that receives no rows from a rank simply gets an empty block; its parameters stay in the graph.
+    """
+    n, k = expert_index.shape
+    ep, local = dist.get_world_size(group), experts.num_experts
+    flat_expert = expert_index.masked_fill(~keep, num_experts).reshape(-1)  # (N*k,); dropped -> E, cut off
+    order = flat_expert.argsort(stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,) rows for each expert
+    order = order[: int(counts.sum())]
+
+    arriving = torch.empty_like(counts)  # (ep * L,): [source rank s, local expert j] rows from s for my expert j
+    dist.all_to_all_single(arriving, counts, group=group)
+    send_sizes = counts.view(ep, local).sum(1).tolist()  # rows for each rank
+    recv_sizes = arriving.view(ep, local).sum(1).tolist()  # rows from each rank
+    x_arrived = Exchange.apply(x[order // k], send_sizes, recv_sizes, group)  # (M_in, in)
+
+    local_expert = torch.arange(local, device=x.device).repeat(ep)  # the local expert of each [s, j] block
+    row_expert = torch.repeat_interleave(local_expert, arriving, output_size=x_arrived.shape[0])
+    regroup = row_expert.argsort(stable=True)  # by local expert, each expert's rows in source-rank order
+    y = experts.forward_grouped(x_arrived[regroup], arriving.view(ep, local).sum(0), use_grouped_mm)
+    y_arrived = y.new_empty(y.shape).index_copy(0, regroup, y)  # back in arrival order
+
+    y_sorted = Exchange.apply(y_arrived, recv_sizes, send_sizes, group)  # home: (M, out), in `order`
+    y_slots = y_sorted.new_zeros(n * k, experts.out_dim).index_copy(0, order, y_sorted)  # dropped slots stay 0
+    return (y_slots.view(n, k, experts.out_dim) * weights.unsqueeze(-1)).sum(dim=1)  # (N, out)
+
+
+def gather_experts(shard, group):
+    """The full (E, ...) stack of an expert tensor from each rank's (E / ep, ...) shard, on every rank."""
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def expert_shard(full, rank, ep_size):
+    """This rank's slice of a full (E, ...) expert tensor: experts [rank * E / ep, (rank + 1) * E / ep)."""
+    local = full.shape[0] // ep_size
+    return full[rank * local:(rank + 1) * local]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 6. The MoE layer
 
 
@@ -374,6 +452,18 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(experts.in_dim, config.num_experts, bias=False)  # bias-free, as MoE-LLaVA/CuMo
         nn.init.normal_(self.router.weight, std=0.02)
         self.router.to(device=next(experts.parameters()).device)
+        self.ep_group = None  # set by shard_experts: the expert-parallel process group
+
+    def shard_experts(self, group):
+        """Keep only this rank's E / ep experts (expert parallelism over `group`); the router stays whole."""
+        ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.config.num_experts % ep:
+            raise ValueError(f"ep_size={ep} must divide num_experts={self.config.num_experts}")
+        for name, p in list(self.experts.named_parameters()):
+            setattr(self.experts, name, nn.Parameter(expert_shard(p.detach(), rank, ep).clone(),
+                                                     requires_grad=p.requires_grad))
+        self.experts.num_experts = self.config.num_experts // ep
+        self.ep_group = group
 
     def route(self, tokens, dropless=False):
         """Routing for (N, in) real tokens: router logits (N, E), probabilities (N, E), the chosen experts
@@ -400,7 +490,10 @@ class MoELayer(nn.Module):
 
         logits, probs, expert_index, weights, keep = self.route(tokens, dropless)
         use_grouped_mm = grouped_mm_serves(tokens, *self.experts.weights())
-        if cfg.dispatch == "loop":
+        if self.ep_group is not None:
+            y_tokens = dispatch_expert_parallel(tokens, self.experts, expert_index, weights, keep, self.ep_group,
+                                                cfg.num_experts, use_grouped_mm)
+        elif cfg.dispatch == "loop":
             y_tokens = dispatch_loop(tokens, self.experts, expert_index, weights, keep)
         elif cfg.dispatch in ("cuda", "auto") and extension_serves(tokens, cfg.dispatch):
             from kernels import dispatch_cuda

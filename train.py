@@ -23,6 +23,18 @@ Each stage reads {out_dir}/stage{N-1}/ckpt.pt and writes {out_dir}/stage{N}/: ck
 the metadata as JSON), meta.json (a readable copy of the metadata), log.jsonl, and the tokenizer.
 Devices: CUDA (bf16 autocast) when present, else CPU in fp32; --device=cpu forces the CPU.
 
+From one GPU to many (torch.distributed; NCCL on CUDA, gloo on CPU, chosen automatically):
+    python train.py --stage all --preset small                                     # one GPU (or the CPU)
+    torchrun --standalone --nproc_per_node=8 train.py --stage all --preset small --global_batch=256   # 8 GPUs
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=$HEAD_NODE:29500 --rdzv_id=moe-llava --max-restarts=3 \
+        train.py --stage all --preset small --global_batch=512 --resume          # 2 nodes: run on each node
+    torchrun --standalone --nproc_per_node=4 train.py --stage 3 --ep_size=4       # experts spread over 4 ranks
+Each rank reads its own micro-batches; the global batch (--global_batch = batch_size x grad_accum x ranks) fixes
+the accumulation, and the same global batch trains the same model whatever the number of ranks. Only rank 0
+prints and writes. SIGTERM / SIGINT write a checkpoint at the end of the step; with --max-restarts, torchrun
+relaunches and --resume continues from it (a stage without a checkpoint starts from its beginning).
+
 Structure: configuration -> command line -> data per stage -> model per stage (which parameters train) ->
 checkpoints -> the loop (one for all stages) -> main.
 """
@@ -34,15 +46,19 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 from model import PRESETS, VLM, LLMConfig, VLMConfig, lm_loss, moe_layer_indices, param_counts
-from moe import MoEConfig, MoELayer
+from moe import MoEConfig, MoELayer, expert_shard, gather_experts
 from vision import CLIPHead, ViTConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,8 +77,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
     compile: bool = False  # torch.compile the VLM's forward (stages I-III)
-    batch_size: int = 16  # samples per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
+    batch_size: int = 16  # samples per micro-step on each rank
+    grad_accum: int = 1  # micro-steps per optimizer step (set from global_batch when that is given)
+    global_batch: int = 0  # samples per optimizer step over all ranks; 0: batch_size x grad_accum x world size
     clip_batch_size: int = 32  # stage 0: image-caption pairs per contrastive batch (negatives come from the batch)
     stage0_iters: int = 600  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
     stage1_iters: int = 300
@@ -83,6 +100,7 @@ class TrainConfig:
     routing_interval: int = 50  # steps between per-expert token counts in stage III's log
     ckpt_interval: int = 200  # steps between checkpoints (also at the end)
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
+    ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
     max_bad_fraction: float = 0.05  # more bad samples than this stops at load time
     resume: bool = False  # continue the stage from its own checkpoint
@@ -98,7 +116,7 @@ TRAIN_PRESETS = {
 }
 STAGES = (0, 1, 2, 3)
 # what decides the batches and the schedule: --resume continues a stage only if these are unchanged
-RESUME_MUST_MATCH = ("iters", "seed", "batch_size", "grad_accum", "clip_batch_size", "warmup_frac")
+RESUME_MUST_MATCH = ("iters", "seed", "batch_size", "global_batch", "clip_batch_size", "warmup_frac")
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line: --stage, then any TrainConfig field as --name=value, and --llm.X / --vision.X / --moe.X /
@@ -185,7 +203,162 @@ def parse_args(argv):
 
 
 def print0(*args, **kwargs):
-    print(*args, **kwargs, flush=True)
+    """print on rank 0 only (torchrun sets RANK; a plain `python train.py` is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed: one process per device under torchrun; `python train.py` is the case world = 1
+#
+# Data parallel: every rank holds the whole model (DistributedDataParallel averages the gradients) and reads its
+# own micro-batches. Expert parallel (--ep_size, stage III): the ranks of an expert-parallel group hold E / ep
+# experts each and exchange tokens (moe.dispatch_expert_parallel); an expert's gradient is averaged only over the
+# ranks that hold the same shard.
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank `rank` of `world` processes, its device, and the expert-parallel groups."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    ep_group: object = None  # ep_size consecutive ranks that hold one copy of every expert between them
+    edp_group: object = None  # the ranks that hold the same expert shard (every ep_size-th): they average its grads
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+
+def compute_init(config):
+    """Start torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU); else a 1-process Runtime."""
+    cuda = torch.cuda.is_available() and config.device in ("auto", "cuda")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        if config.ep_size > 1:
+            raise SystemExit(f"error: --ep_size={config.ep_size} needs that many processes: launch with torchrun "
+                             f"--nproc_per_node={config.ep_size} (see the docstring)")
+        device = torch.device("cuda" if cuda else "cpu") if config.device == "auto" else torch.device(config.device)
+        return Runtime(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if world % config.ep_size:
+        raise SystemExit(f"error: --ep_size={config.ep_size} must divide the number of processes ({world})")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rt = Runtime(rank=rank, world=world, device=device)
+    if config.ep_size > 1:  # every rank creates every group, in the same order (torch.distributed's rule)
+        ep = config.ep_size
+        for first in range(0, world, ep):
+            group = dist.new_group(list(range(first, first + ep)))
+            if first <= rank < first + ep:
+                rt.ep_group = group
+        for offset in range(ep):
+            group = dist.new_group(list(range(offset, world, ep)))
+            if rank % ep == offset:
+                rt.edp_group = group
+    return rt
+
+
+def all_reduce_sum(values, rt):
+    """Sum a list of numbers over all ranks (one all_reduce); unchanged in a single process."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def expert_layers(vlm):
+    """The MoE layers whose experts are sharded over an expert-parallel group."""
+    return [m for m in vlm.modules() if isinstance(m, MoELayer) and m.ep_group is not None]
+
+
+def full_model_state(vlm):
+    """The model's state dict with every expert whole (gathered from the expert-parallel group): a checkpoint
+    written with --ep_size loads anywhere. Every rank must call it (all_gather)."""
+    state = vlm.state_dict()
+    for name, module in vlm.named_modules():
+        if isinstance(module, MoELayer) and module.ep_group is not None:
+            for pname, p in module.experts.named_parameters():
+                state[f"{name}.experts.{pname}"] = gather_experts(p.detach(), module.ep_group)
+    return state
+
+
+def expert_param_groups(vlm):
+    return {p: m.ep_group for m in expert_layers(vlm) for p in m.experts.parameters()}
+
+
+def convert_optimizer_state(state, optimizer, vlm, convert):
+    """A copy of an optimizer state dict with every expert-shaped state tensor converted (gathered or sliced)."""
+    groups = expert_param_groups(vlm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {**state, "state": dict(state["state"])}
+    for i, p in enumerate(params):
+        if p in groups and i in state["state"]:
+            state["state"][i] = {key: convert(t, groups[p]) if torch.is_tensor(t) and t.dim() > 0 else t
+                                 for key, t in state["state"][i].items()}
+    return state
+
+
+def reduce_expert_grads(vlm, rt):
+    """DDP averages every other gradient over all ranks. An expert shard's gradient already sums the tokens its
+    expert-parallel group sent it; summed over the ranks holding the same shard and divided by the world size,
+    it is the same average."""
+    for module in expert_layers(vlm):
+        for p in module.experts.parameters():
+            if p.grad is not None:
+                if rt.edp_group is not None and dist.get_world_size(rt.edp_group) > 1:
+                    dist.all_reduce(p.grad, group=rt.edp_group)
+                p.grad.div_(rt.world)
+
+
+def clip_grad_norm(params, vlm, max_norm, rt):
+    """torch.nn.utils.clip_grad_norm_, with the expert shards' squares summed over their group, so that every
+    rank computes the same global norm and the replicated parameters stay identical."""
+    experts = expert_param_groups(vlm)
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None and p not in experts]
+    shard = [p.grad for p in params if p.grad is not None and p in experts]
+    replicated_sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=rt.device))
+    shard_sq = sum((g.float().pow(2).sum() for g in shard), torch.zeros((), device=rt.device))
+    dist.all_reduce(shard_sq, group=rt.ep_group)
+    norm = (replicated_sq + shard_sq).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return norm
+
+
+class Interrupt:
+    """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then an exit (a second SIGINT
+    stops at once). torchrun --max-restarts then relaunches, and --resume continues from that checkpoint."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):  # armed during the training loop only: elsewhere Ctrl-C stops at once, as usual
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self, rt):
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        return all_reduce_sum([float(self.signal is not None)], rt)[0] > 0
 
 
 def stage_dir(config, stage):
@@ -261,9 +434,9 @@ def set_trainable(stage, vlm, config):
 # Checkpoints: one file, written atomically; the metadata inside it is the truth, meta.json a readable copy
 
 
-def save_checkpoint(directory, model_state, optimizer, meta, extra=None):
+def save_checkpoint(directory, model_state, optimizer_state, meta, extra=None):
     os.makedirs(directory, exist_ok=True)
-    state = {"model": model_state, "optimizer": optimizer.state_dict(), "meta": json.dumps(meta),
+    state = {"model": model_state, "optimizer": optimizer_state, "meta": json.dumps(meta),
              "rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -333,50 +506,111 @@ def vlm_loss(vlm, batch, device):
     return {"loss": out.loss, "ce": out.ce_loss, "aux": out.aux_loss}, out.routing
 
 
-def step_loss(stage, model, clip, batches, step, micro, config, device):
-    """The loss of micro-batch `micro` of optimizer step `step` (batch index step * grad_accum + micro)."""
-    index = step * config.grad_accum + micro
+class StageModel(nn.Module):
+    """What a training step runs, as one module so that DistributedDataParallel can wrap it: the VLM (and, in
+    stage 0, CLIP's head). forward(batch) -> (losses, routing); in stage 0 the batch is (pairs, text)."""
+
+    def __init__(self, vlm, clip=None):
+        super().__init__()
+        self.vlm, self.clip = vlm, clip
+
+    def forward(self, batch):
+        device = next(self.vlm.parameters()).device
+        if self.clip is not None:
+            return stage0_loss(self.vlm, self.clip, *batch, device)
+        return vlm_loss(self.vlm, batch, device)
+
+
+def micro_batch(batches, stage, index, device):
+    """Micro-batch `index` of the stream(s); stage 0 reads the pairs and the text stream at the same index."""
     if stage == 0:
-        pairs_batches, text_batches = batches
-        pairs, text = pairs_batches[index].to(device), text_batches[index].to(device)
-        losses, routing = stage0_loss(model, clip, pairs, text, device)
-        return losses, routing, text.num_tokens
-    batch = batches[index].to(device)
-    losses, routing = vlm_loss(model, batch, device)
-    return losses, routing, batch.num_tokens
+        return tuple(b[index].to(device) for b in batches)
+    return batches[index].to(device)
+
+
+def batch_tokens(batch):
+    return batch[1].num_tokens if isinstance(batch, tuple) else batch.num_tokens
+
+
+def micro_index(step, micro, config, rt):
+    """The global index of a rank's micro-batch: step s takes the next grad_accum x world micro-batches of the
+    (per-epoch shuffled) stream, rank r the r-th of every world of them. So the ranks read disjoint data, and
+    the same global batch is made of the same micro-batches whatever the world size."""
+    return (step * config.grad_accum + micro) * rt.world + rt.rank
+
+
+def accumulate_gradients(train_model, batches, stage, step, config, rt, warn=print):
+    """Forward and backward over this rank's grad_accum micro-batches of optimizer step `step`.
+
+    Returns the mean losses over every rank's micro-batches, the tokens over all ranks, and this rank's routing
+    counts summed over its micro-batches (routing_counts); or (None, 0, None) if no rank had a readable
+    micro-batch. DDP all-reduces the gradients during the last micro-step's backward only (no_sync before it).
+    A micro-batch whose images are all unreadable is skipped; in a distributed run a stand-in batch runs at
+    weight 0 instead, because the other ranks still all-reduce gradients and exchange tokens, and every rank
+    must take part.
+    """
+    names = ("loss", "clip", "lm") if stage == 0 else ("loss", "ce", "aux")
+    raw, tokens, good, routed, standin = dict.fromkeys(names, 0.0), 0, 0, None, None
+    for micro in range(config.grad_accum):
+        weight = 1.0
+        try:
+            batch = standin = micro_batch(batches, stage, micro_index(step, micro, config, rt), rt.device)
+        except D.EmptyBatch as e:  # every image of the batch unreadable: skip it, never crash the run
+            warn(f"stage {stage} step {step}: {e}; batch skipped")
+            if not rt.distributed:
+                continue
+            weight = 0.0
+            batch = standin if standin is not None else micro_batch(batches, stage, 0, rt.device)
+        last = micro == config.grad_accum - 1
+        with train_model.no_sync() if rt.distributed and not last else contextlib.nullcontext():
+            losses, routing = train_model(batch)
+            (weight * losses["loss"] / config.grad_accum).backward()
+        if weight:
+            if routing:
+                counts = routing_counts(routing)
+                routed = counts if routed is None else routed + counts
+            for k in names:
+                raw[k] += float(losses[k].detach())
+            tokens += batch_tokens(batch)
+            good += 1
+    *totals, tokens, good = all_reduce_sum([raw[k] for k in names] + [tokens, good], rt)
+    if good == 0:
+        return None, 0, None
+    return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed
 
 
 @torch.no_grad()
-def validate(stage, vlm, clip, val_batches, config, device):
-    """Mean losses over the first eval_batches validation batches, in eval mode (evaluation capacity)."""
+def validate(stage, model, val_batches, config, rt):
+    """Mean losses over the first eval_batches validation batches, in eval mode (evaluation capacity). The
+    batches are shared out over the ranks; every rank runs the same number of forwards (a rank short of one
+    repeats its last batch at weight 0), because expert parallelism exchanges tokens inside each forward."""
     if val_batches is None:
         return {}
-    vlm.eval()
-    clip is not None and clip.eval()
+    model.eval()
     sets = val_batches if stage == 0 else (val_batches,)
-    totals, used = {}, 0
-    for i in range(min(config.eval_batches, *(s.per_epoch for s in sets))):
+    n = min(config.eval_batches, *(s.per_epoch for s in sets))
+    names = ("loss", "clip", "lm") if stage == 0 else ("loss", "ce", "aux")
+    totals, used = dict.fromkeys(names, 0.0), 0.0
+    for i in range(rt.rank, -(-n // rt.world) * rt.world, rt.world):
+        weight = float(i < n)
         try:
-            if stage == 0:
-                losses, _ = stage0_loss(vlm, clip, sets[0].in_order(i).to(device), sets[1].in_order(i).to(device),
-                                        device)
-            else:
-                losses, _ = vlm_loss(vlm, sets[0].in_order(i).to(device), device)
+            batch = tuple(s.in_order(min(i, n - 1)).to(rt.device) for s in sets)
+            losses, _ = model(batch if stage == 0 else batch[0])
         except D.EmptyBatch:
             continue
-        used += 1
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    vlm.train()
-    clip is not None and clip.train()
-    return {f"val_{k}": v / used for k, v in totals.items()}
+        used += weight
+        for k in names:
+            totals[k] += weight * float(losses[k])
+    summed = all_reduce_sum([totals[k] for k in names] + [used], rt)
+    model.train()
+    return {f"val_{k}": v / summed[-1] for k, v in zip(names, summed[:-1])} if summed[-1] else {}
 
 
 @torch.no_grad()
-def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tokens=16, log=print0):
+def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tokens=16, log=print0, rt=Runtime()):
     """A quick look at what the model answers: the first question of n validation conversations, greedy, with the
     exact-match rate (case and a final period ignored). eval.py measures properly; this shows a stage learned.
-    Samples that cannot be asked (bad, unreadable image, prompt too long) are left out."""
+    Samples that cannot be asked (bad, unreadable image, prompt too long) are left out. Ranks share the prompts."""
     folder = config.image_folder or config.data_dir
     prompts, refs, questions = [], [], []
     for sample in D.read_json(path)[:n]:
@@ -396,29 +630,42 @@ def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tok
     if not prompts:
         return None
     vlm.eval()
-    answers = []
-    for i in range(0, len(prompts), 32):
-        chunk = prompts[i:i + 32]
-        ids, mask = D.prompt_batch([p for p, _ in chunk], tokenizer.eos_id)
-        pixels = [im for _, im in chunk if im is not None]
+    mine = list(range(rt.rank, len(prompts), rt.world))
+    chunks = [mine[i:i + 32] for i in range(0, len(mine), 32)]  # generation is local to each rank (no collectives)
+    answers = {}
+    for chunk in chunks:
+        ids, mask = D.prompt_batch([prompts[i][0] for i in chunk], tokenizer.eos_id)
+        pixels = [prompts[i][1] for i in chunk if prompts[i][1] is not None]
         pixels = torch.stack(pixels).to(device) if pixels else None
         with autocast(device):
             out = vlm.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=max_new_tokens,
                                eos_id=tokenizer.eos_id)
-        answers += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in out.tolist()]
+        for i, row in zip(chunk, out.tolist()):
+            answers[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
     vlm.train()
     norm = lambda a: a.strip().lower().rstrip(".")  # noqa: E731
-    match = sum(norm(a) == norm(r) for a, r in zip(answers, refs)) / len(refs)
-    for q, a, r in list(zip(questions, answers, refs))[:show]:
-        log(f"  Q: {q}  A: {a!r}  (reference {r!r})")
-    log(f"  exact match on the first question of {len(refs)} validation conversations: {100 * match:.1f}%")
-    return match
+    right, total = all_reduce_sum([sum(norm(answers[i]) == norm(refs[i]) for i in mine), len(mine)], rt)
+    for i in mine[:show]:
+        log(f"  Q: {questions[i]}  A: {answers[i]!r}  (reference {refs[i]!r})")
+    log(f"  exact match on the first question of {int(total)} validation conversations: {100 * right / total:.1f}%")
+    return right / total
 
 
-def routing_record(vlm, routing):
+def routing_counts(routing):
+    """One micro-batch's RoutingStats as a (L, 4E + 1) tensor per MoE layer: top-k text, top-k image, top-1 text,
+    top-1 image counts per expert, then the dropped assignments (summable over micro-batches and ranks)."""
+    return torch.stack([torch.cat([s.expert_counts.flatten(), s.top1_counts.flatten(), s.dropped.view(1)])
+                        for s in routing]).cpu()
+
+
+def routing_record(vlm, counts, rt=Runtime()):
+    """The log's routing record: per MoE layer, the step's counts over all its micro-batches on every rank."""
     layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
-    return [{"layer": i, "topk_text_image": s.expert_counts.tolist(), "top1_text_image": s.top1_counts.tolist(),
-             "dropped": int(s.dropped)} for i, s in zip(layers, routing)]
+    counts = torch.tensor(all_reduce_sum(counts.flatten().tolist(), rt)).view(counts.shape).long()
+    E = (counts.shape[1] - 1) // 4
+    return [{"layer": i, "topk_text_image": c[:2 * E].view(2, E).tolist(),
+             "top1_text_image": c[2 * E:4 * E].view(2, E).tolist(), "dropped": int(c[-1])}
+            for i, c in zip(layers, counts)]
 
 
 def build_model(stage, config, nested, own, prev, tokenizer):
@@ -450,11 +697,11 @@ def build_model(stage, config, nested, own, prev, tokenizer):
     return vlm, clip
 
 
-def run_stage(stage, config, nested, log=print0):
+def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
     """Train one stage; returns its final metadata. Raises SystemExit for user errors, NonFiniteLoss on NaN/inf."""
     torch.manual_seed(config.seed + stage)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = rt.device
+    main_rank = rt.rank == 0
     out = stage_dir(config, stage)
     previous = stage_dir(config, stage - 1)
     make_previous = f"python train.py --stage {stage - 1} --out_dir {config.out_dir}"
@@ -479,7 +726,11 @@ def run_stage(stage, config, nested, log=print0):
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if not config.data_path or (tokenizer_name == "builtin" and token_dir == config.data_dir):
-        D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
+        if main_rank:  # rank 0 draws the data set; the others wait, then find it drawn
+            D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
+        if rt.distributed:
+            dist.barrier()
+        D.ensure_builtin(config.data_dir, data_config, progress=False)
     try:
         tokenizer = D.load_tokenizer(tokenizer_name, token_dir)
     except (FileNotFoundError, RuntimeError) as e:
@@ -497,6 +748,14 @@ def run_stage(stage, config, nested, log=print0):
     log(f"stage {stage}: {counts['trainable'] / 1e6:.2f}M trainable / {counts['total'] / 1e6:.2f}M total / "
         f"{counts['active'] / 1e6:.2f}M active per token ({len(trained)} tensors trained)" +
         (" -- including CLIP's text tower" if clip is not None else ""))
+    if rt.ep_group is not None:  # expert parallelism: keep this rank's share of each MoE layer's experts
+        for layer in (m for m in vlm.modules() if isinstance(m, MoELayer)):
+            layer.shard_experts(rt.ep_group)
+    if rt.distributed:
+        log(f"stage {stage}: {rt.world} processes ({dist.get_backend()}), global batch "
+            f"{config.batch_size * config.grad_accum * rt.world} = {config.batch_size} per micro-batch x "
+            f"{config.grad_accum} accumulation x {rt.world} ranks" +
+            (f"; experts spread over groups of {config.ep_size}" if rt.ep_group is not None else ""))
 
     # 4. the data
     try:
@@ -515,7 +774,7 @@ def run_stage(stage, config, nested, log=print0):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
-    # 5. the optimizer gets exactly the parameters this stage trains
+    # 5. the optimizer gets exactly the parameters this stage trains; DDP averages their gradients
     params = [p for p in vlm.parameters() if p.requires_grad]
     if clip is not None:
         params += list(clip.parameters())
@@ -524,49 +783,75 @@ def run_stage(stage, config, nested, log=print0):
     if config.max_iters > 0:
         iters = min(iters, config.max_iters)
     peak_lr = getattr(config, f"stage{stage}_lr")
-    forward = torch.compile(vlm) if config.compile else vlm
+    model = StageModel(vlm, clip)
+    train_model = model
+    if rt.distributed:
+        # the expert shards differ between ranks: DDP leaves them alone, reduce_expert_grads averages them
+        sharded = [f"vlm.{name}" for name, p in vlm.named_parameters() if p in expert_param_groups(vlm)]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, sharded)
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile and stage > 0:
+        train_model = torch.compile(train_model)
 
+    global_batch = config.batch_size * config.grad_accum * rt.world
     meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
             "model_config": asdict(vlm_config), "train_config": asdict(config), "data_config": asdict(data_config),
-            "counts": counts, "val": {}, "elapsed_s": 0.0}
+            "counts": counts, "val": {}, "elapsed_s": 0.0, "world_size": rt.world, "global_batch": global_batch}
     start = 0
     log_path = os.path.join(out, "log.jsonl")
     if own is not None:
-        was = dict(own["meta"]["train_config"], iters=own["meta"]["iters"])
-        now = dict(asdict(config), iters=iters)
+        was = dict(own["meta"]["train_config"], iters=own["meta"]["iters"],
+                   global_batch=own["meta"].get("global_batch", own["meta"]["train_config"]["batch_size"] *
+                                                own["meta"]["train_config"]["grad_accum"]))
+        now = dict(asdict(config), iters=iters, global_batch=global_batch)
         differ = [k for k in RESUME_MUST_MATCH + (f"stage{stage}_lr",) if was.get(k) != now[k]]
         if differ:  # the batches and the schedule would not continue the interrupted run
             raise SystemExit(f"error: {out} was trained with " + ", ".join(f"{k}={was.get(k)}" for k in differ)
                              + "; resume with the same values")
-        optimizer.load_state_dict(own["optimizer"])
+        optimizer_state = own["optimizer"]
+        if rt.ep_group is not None:  # the checkpoint holds whole experts: keep this rank's slices
+            ep_rank, ep = dist.get_rank(rt.ep_group), dist.get_world_size(rt.ep_group)
+            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm,
+                                                      lambda t, group: expert_shard(t, ep_rank, ep).clone())
+        optimizer.load_state_dict(optimizer_state)
         torch.set_rng_state(own["rng_cpu"])
         if "rng_cuda" in own and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(own["rng_cuda"])
-        meta = own["meta"]
+        meta = dict(own["meta"], world_size=rt.world)
         start = meta["step"]
         if meta["done"]:
             log(f"stage {stage}: already complete in {out} ({start} steps); nothing to resume")
             return meta
         log(f"stage {stage}: resuming at step {start} of {iters}")
-    os.makedirs(out, exist_ok=True)
-    save_tokenizer(tokenizer, out)
-    keep_log_lines(log_path, start)
+    if main_rank:
+        os.makedirs(out, exist_ok=True)
+        save_tokenizer(tokenizer, out)
+        keep_log_lines(log_path, start)
 
     def write_log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_rank:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def checkpoint(step, done=False):
-        meta.update(step=step, done=done, data_position={"batches_consumed": step * config.grad_accum})
-        extra = {"clip": clip.state_dict()} if clip is not None else None
-        save_checkpoint(out, vlm.state_dict(), optimizer, meta, extra)
+        """Every rank takes part (expert shards are gathered); rank 0 writes."""
+        meta.update(step=step, done=done, data_position={"micro_batches_consumed": step * config.grad_accum * rt.world})
+        state = full_model_state(vlm)
+        optimizer_state = optimizer.state_dict()
+        if rt.ep_group is not None:
+            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm, gather_experts)
+        if main_rank:
+            extra = {"clip": clip.state_dict()} if clip is not None else None
+            save_checkpoint(out, state, optimizer_state, meta, extra)
+        if rt.distributed:
+            dist.barrier()  # the checkpoint is whole before any rank reads it (the next stage, a restart)
 
     # 6. the loop
     from tqdm import tqdm
-    vlm.train()
+    model.train()
     t_stage = time.time() - meta["elapsed_s"]
     if start == 0:
-        metrics = validate(stage, forward, clip, val_batches, config, device)
+        metrics = validate(stage, model, val_batches, config, rt)
         if metrics:
             meta["val"] = {"step": 0, **metrics}
             write_log({"step": 0, **metrics})
@@ -576,61 +861,68 @@ def run_stage(stage, config, nested, log=print0):
                 meta["stage2_final_val_ce"] = before
                 line += f"  (stage II ended at val_ce {before:.4f}; upcycling must not change it)"
             log(f"stage {stage} step 0: {line}")
-    bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(range(start, iters), desc=f"stage {stage}", disable=not (config.progress and main_rank),
+               dynamic_ncols=True)
     stop = iters if config.stop_after <= 0 else min(iters, start + config.stop_after)
-    for step in bar:
-        if step >= stop:
-            break
-        t0 = time.time()
-        lr = lr_at(step, iters, peak_lr, config.warmup_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums, tokens, routing = {}, 0, None
-        for micro in range(config.grad_accum):
-            try:
-                losses, routing, n = step_loss(stage, forward, clip, train_batches, step, micro, config, device)
-            except D.EmptyBatch as e:  # every image of the batch unreadable: skip it, never crash the run
-                bar.write(f"stage {stage} step {step}: {e}; batch skipped")
+    with interrupt or contextlib.nullcontext():  # SIGTERM/SIGINT: a checkpoint, then exit
+        for step in bar:
+            if step >= stop:
+                break
+            if interrupt is not None and interrupt.requested(rt):
+                bar.close()
+                checkpoint(step)
+                raise SystemExit(f"stage {stage}: stopped by a signal before step {step}; the checkpoint in {out} "
+                                 f"holds step {step}; continue with --resume")
+            t0 = time.time()
+            lr = lr_at(step, iters, peak_lr, config.warmup_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums, tokens, routing = accumulate_gradients(train_model, train_batches, stage, step, config, rt,
+                                                         bar.write)
+            if sums is None:  # no readable micro-batch on any rank: no step
+                optimizer.zero_grad(set_to_none=True)
                 continue
-            (losses["loss"] / config.grad_accum).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
-            tokens += n
-        if not sums:
-            continue
-        if not math.isfinite(sums["loss"]):
-            bar.close()
-            kept = (f"{os.path.join(out, 'ckpt.pt')} still holds the last good state (step {meta['step']}); "
-                    f"try a lower --stage{stage}_lr, then --resume" if meta["step"] > 0 or own is not None else
-                    f"no checkpoint of this stage was written yet; try a lower --stage{stage}_lr")
-            raise NonFiniteLoss(f"stage {stage}: the loss became {sums['loss']} at step {step}; stopped without "
-                                f"saving: {kept}")
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(sums["loss"]):
+                bar.close()
+                kept = (f"{os.path.join(out, 'ckpt.pt')} still holds the last good state (step {meta['step']}); "
+                        f"try a lower --stage{stage}_lr, then --resume" if meta["step"] > 0 or own is not None else
+                        f"no checkpoint of this stage was written yet; try a lower --stage{stage}_lr")
+                raise NonFiniteLoss(f"stage {stage}: the loss became {sums['loss']} at step {step}; stopped without "
+                                    f"saving: {kept}")
+            reduce_expert_grads(vlm, rt)
+            clip_grad_norm(params, vlm, config.grad_clip, rt)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        tok_s = tokens / max(time.time() - t0, 1e-9)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} |
-                        {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
-        if done % config.log_interval == 0 or done == iters:
-            write_log({"step": done, "lr": lr, "tok_per_s": round(tok_s), **sums})
-        if routing and (done % config.routing_interval == 0 or done == 1 or done == iters):
-            write_log({"step": done, "routing": routing_record(vlm, routing)})
-        if done % config.eval_interval == 0 or done == iters:
-            metrics = validate(stage, forward, clip, val_batches, config, device)
-            if metrics:
-                meta["val"] = {"step": done, **metrics}
-                write_log({"step": done, **metrics})
-                bar.write(f"stage {stage} step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        meta["elapsed_s"] = time.time() - t_stage
-        if done % config.ckpt_interval == 0 or done == iters or done == stop:
-            checkpoint(done, done=done == iters)
+            done = step + 1
+            tok_s = tokens / max(time.time() - t0, 1e-9)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} |
+                            {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
+            if done % config.log_interval == 0 or done == iters:
+                write_log({"step": done, "lr": lr, "tok_per_s": round(tok_s), **sums})
+            if routing is not None and (done % config.routing_interval == 0 or done == 1 or done == iters):
+                write_log({"step": done, "routing": routing_record(vlm, routing, rt)})
+            if done % config.eval_interval == 0 or done == iters:
+                metrics = validate(stage, model, val_batches, config, rt)
+                if metrics:
+                    meta["val"] = {"step": done, **metrics}
+                    write_log({"step": done, **metrics})
+                    if main_rank:
+                        bar.write(f"stage {stage} step {done}: " +
+                                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            meta["elapsed_s"] = time.time() - t_stage
+            if done % config.ckpt_interval == 0 or done == iters or done == stop:
+                checkpoint(done, done=done == iters)
     bar.close()
     if meta["done"] and stage >= 2 and (config.val_data_path or not config.data_path):
         path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")
-        meta["val_answer_match"] = answer_check(vlm, tokenizer, config, path, device, log=log)
-        D.write_json(os.path.join(out, "meta.json"), meta)  # the readable copy also records the answer check
+        checker = vlm
+        if rt.ep_group is not None:  # generation stops at different steps per rank: check with whole experts
+            checker = VLM(vlm.config).to(device)
+            checker.load_state_dict(full_model_state(vlm))
+        meta["val_answer_match"] = answer_check(checker, tokenizer, config, path, device, log=log, rt=rt)
+        if main_rank:
+            D.write_json(os.path.join(out, "meta.json"), meta)  # the readable copy also records the answer check
     if meta["step"] < iters:
         log(f"stage {stage}: stopped after step {meta['step']} of {iters} (--stop_after); continue with --resume")
     else:
@@ -659,15 +951,27 @@ def keep_log_lines(path, upto_step):
 
 def main(argv=None):
     stages, config, nested = parse_args(sys.argv[1:] if argv is None else argv)
+    rt = compute_init(config)
+    if config.global_batch:  # the global batch fixes the accumulation for this world size
+        per_step = config.batch_size * rt.world
+        if config.global_batch % per_step:
+            raise SystemExit(f"error: --global_batch={config.global_batch} is not a multiple of --batch_size="
+                             f"{config.batch_size} x {rt.world} processes")
+        config = replace(config, grad_accum=config.global_batch // per_step)
+    interrupt = Interrupt() if argv is None else None  # signal handlers for the command line, not for callers
     summary = []
-    for stage in stages:
-        try:
-            meta = run_stage(stage, config, nested)
-        except NonFiniteLoss as e:
-            raise SystemExit(f"error: {e}") from None
-        summary.append(meta)
-        if not meta["done"]:
-            break
+    try:
+        for stage in stages:
+            try:
+                meta = run_stage(stage, config, nested, rt=rt, interrupt=interrupt)
+            except NonFiniteLoss as e:
+                raise SystemExit(f"error: {e}") from None
+            summary.append(meta)
+            if not meta["done"]:
+                break
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
     if len(summary) > 1:
         print0("\nstage  steps  time (s)  validation (answers: exact match on the first question)")
         for m in summary:

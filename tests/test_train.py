@@ -134,7 +134,7 @@ def test_resume_with_different_batches_is_an_error(pipeline, tmp_path):
     out, data_dir, _ = pipeline
     shutil.copytree(out / "stage1", tmp_path / "stage1")
     run(tmp_path, "--stage", "2", "--stage2_iters=4", "--stop_after=1", data_dir=data_dir)
-    with pytest.raises(SystemExit, match="was trained with batch_size=4; resume with the same values"):
+    with pytest.raises(SystemExit, match="was trained with batch_size=4, global_batch=4; resume with the same values"):
         run(tmp_path, "--stage", "2", "--stage2_iters=4", "--resume", "--batch_size=2", data_dir=data_dir)
 
 

@@ -1,0 +1,127 @@
+"""Distributed training, as torchrun runs it (2 processes, gloo, CPU): data parallel trains what one process
+trains, expert parallel what data parallel trains; rank 0 alone writes; a signal leaves a checkpoint."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
+        "--vision.width=64", "--vision.layers=2"]
+COMMON = ["--batch_size=4", "--clip_batch_size=8", "--eval_batches=2", "--progress=false", "--routing_interval=1",
+          "--log_interval=1", "--data.n_train=48", "--data.n_val=16", "--data.n_test=8", "--max_iters=3",
+          "--global_batch=8", "--grad_clip=0.05"]  # one process: 2 micro-batches of 4 per step; two: 1 each; clipped
+
+
+def torchrun(*args, script="train.py", check=True):
+    """`torchrun --standalone --nproc_per_node=2 script args` from the repository root; returns its output."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        pytest.fail(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result.stdout
+
+
+def params(out, stage):
+    return torch.load(os.path.join(out, f"stage{stage}", "ckpt.pt"), weights_only=True)
+
+
+def assert_same_model(a, b, atol=1e-5):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`--stage all` (3 steps per stage, global batch 8) in one process and as 2 torchrun ranks."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = str(root / "data")
+    train.main(["--stage", "all", "--out_dir", str(root / "one"), "--data_dir", data, *ARCH, *COMMON])
+    stdout = torchrun("--stage", "all", "--out_dir", str(root / "two"), "--data_dir", data, *ARCH, *COMMON)
+    return root, data, stdout
+
+
+def test_two_ranks_train_what_one_process_trains(runs):
+    root, _, _ = runs
+    for stage in range(4):
+        one, two = params(root / "one", stage), params(root / "two", stage)
+        assert_same_model(one, two)  # fp32 rounding apart: the same micro-batches, the same averaged gradient
+        m1, m2 = json.loads(one["meta"]), json.loads(two["meta"])
+        assert (m1["world_size"], m2["world_size"], m1["global_batch"], m2["global_batch"]) == (1, 2, 8, 8)
+        for k, v in m1["val"].items():  # validation is shared out over the ranks and all-reduced
+            assert m2["val"][k] == pytest.approx(v, abs=1e-4), k
+
+
+def test_only_rank_0_prints_and_writes(runs):
+    root, _, stdout = runs
+    for stage in range(4):
+        one, two = root / "one" / f"stage{stage}", root / "two" / f"stage{stage}"
+        assert sorted(os.listdir(one)) == sorted(os.listdir(two))  # one checkpoint, one log, nothing per rank
+        log1 = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
+        log2 = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log1] == [r["step"] for r in log2]
+        # the routing counts are the global batch's, summed over the ranks
+        assert [r["routing"] for r in log1 if "routing" in r] == [r["routing"] for r in log2 if "routing" in r]
+    assert stdout.count("stage 3: done") == 1 and stdout.count("2 processes (gloo)") == 4
+
+
+def test_expert_parallel_trains_what_data_parallel_trains_and_resumes_anywhere(runs, tmp_path):
+    root, data, _ = runs
+    for name in ("ep", "stopped"):
+        shutil.copytree(root / "two" / "stage2", tmp_path / name / "stage2")
+    torchrun("--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "ep"), "--data_dir", data, *COMMON)
+    dp, ep = params(root / "two", 3), params(tmp_path / "ep", 3)
+    assert_same_model(dp, ep)  # the checkpoint holds whole experts, gathered from both ranks
+    for i, state in dp["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ep["optimizer"]["state"][i][key], value, rtol=0, atol=1e-6)
+    # stopped after 1 step with experts spread over 2 ranks, resumed in 1 process: the same model
+    torchrun("--stage", "3", "--ep_size=2", "--stop_after=1", "--out_dir", str(tmp_path / "stopped"),
+             "--data_dir", data, *COMMON)
+    train.main(["--stage", "3", "--resume", "--out_dir", str(tmp_path / "stopped"), "--data_dir", data, *COMMON])
+    assert_same_model(ep, params(tmp_path / "stopped", 3))
+
+
+def test_expert_parallel_layer_equals_the_whole_layer():
+    """Outputs and every gradient, with drops, k = 1 and 2, SwiGLU and GELU experts, and an expert that gets
+    no tokens from one rank (tests/distributed_worker.py asserts, on each rank)."""
+    out = torchrun("expert_parallel_layer", script="tests/distributed_worker.py")
+    assert "rank 0: ok" in out and "rank 1: ok" in out
+
+
+def test_a_signal_checkpoints_the_step_and_resume_goes_on(runs, tmp_path):
+    root, data, _ = runs
+    shutil.copytree(root / "one" / "stage1", tmp_path / "stage1")
+    args = [sys.executable, "train.py", "--stage", "2", "--stage2_iters=100000", "--eval_interval=100000",
+            "--ckpt_interval=100000", "--out_dir", str(tmp_path), "--data_dir", data,
+            *[a for a in COMMON if not a.startswith("--max_iters")]]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stage2" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count('"lr"') < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by a signal" in err
+    meta = json.loads(params(tmp_path, 2)["meta"])
+    assert meta["step"] >= 2 and not meta["done"]  # the checkpoint of the step it stopped at
+    train.main(["--stage", "2", "--resume", "--stop_after=1", "--stage2_iters=100000", "--eval_interval=100000",
+                "--out_dir", str(tmp_path), "--data_dir", data, *[a for a in COMMON if "max_iters" not in a]])
+    assert json.loads(params(tmp_path, 2)["meta"])["step"] == meta["step"] + 1
+
+
+def test_impossible_distributed_settings_are_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--ep_size=2 needs that many processes"):
+        train.main(["--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="global_batch=10 is not a multiple of --batch_size=4"):
+        train.main(["--stage", "3", "--global_batch=10", "--batch_size=4", "--out_dir", str(tmp_path)])
