@@ -849,6 +849,8 @@ def parse_args(argv):
 
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would repeat the whole evaluation
+        raise SystemExit("error: eval.py runs in one process: launch it with python, not torchrun")
     device = pick_device(config.device)
     model = load_model(config.ckpt, device)
     if config.prompt:  # single-image chat

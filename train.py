@@ -245,6 +245,9 @@ def compute_init(config):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if world % config.ep_size:
         raise SystemExit(f"error: --ep_size={config.ep_size} must divide the number of processes ({world})")
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"error: rank {rank} wants GPU {local_rank}, but this node has {torch.cuda.device_count()}: "
+                         f"use at most that many --nproc_per_node, or --device=cpu")
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -750,7 +753,10 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
         (" -- including CLIP's text tower" if clip is not None else ""))
     if rt.ep_group is not None:  # expert parallelism: keep this rank's share of each MoE layer's experts
         for layer in (m for m in vlm.modules() if isinstance(m, MoELayer)):
-            layer.shard_experts(rt.ep_group)
+            try:
+                layer.shard_experts(rt.ep_group)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
     if rt.distributed:
         log(f"stage {stage}: {rt.world} processes ({dist.get_backend()}), global batch "
             f"{config.batch_size * config.grad_accum * rt.world} = {config.batch_size} per micro-batch x "

@@ -44,7 +44,10 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2, help="ranks per torchrun run (default 2)")
     p.add_argument("--global_batch", type=int, default=32)
+    p.add_argument("--device", default="", help="train.py's --device (default: cuda if there is a GPU per rank, "
+                                                  "else cpu for every row)")
     args = p.parse_args()
+    device = args.device or ("auto" if torch.cuda.device_count() >= args.nproc else "cpu")
     for stage in (1, 2):
         if not os.path.exists(os.path.join(args.out_dir, f"stage{stage}", "ckpt.pt")):
             raise SystemExit(f"error: {args.out_dir}/stage{stage}/ckpt.pt is missing: run `python train.py --stage "
@@ -53,7 +56,7 @@ def main():
     per_rank = args.global_batch // n
     common = [f"--max_iters={args.steps}", f"--global_batch={args.global_batch}", f"--batch_size={per_rank}",
               "--eval_batches=1", "--log_interval=1", "--progress=false", "--stage2_iters=100000",
-              "--stage3_iters=100000"]
+              "--stage3_iters=100000", f"--device={device}"]
     rows = [("II (dense)", 2, 1, n, []), ("II (dense)", 2, n, 1, []),
             ("III (MoE)", 3, 1, n, []), ("III (MoE)", 3, n, 1, []),
             (f"III (MoE), experts over {n} ranks", 3, n, 1, [f"--ep_size={n}"])]
@@ -62,7 +65,7 @@ def main():
         with tempfile.TemporaryDirectory() as scratch:
             shutil.copytree(os.path.join(args.out_dir, f"stage{stage - 1}"), os.path.join(scratch, f"stage{stage - 1}"))
             results.append((name, nproc, threads, run(common + extra, nproc, threads, scratch, stage)))
-    device = "cuda" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or 'cpu'})"
+    device = torch.cuda.get_device_name() if device != "cpu" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
     print(f"# {datetime.date.today()}, torch {torch.__version__}, {device}, "
           f"`python tests/bench_distributed.py {' '.join(sys.argv[1:])}`".rstrip())
     print(f"# global batch {args.global_batch}, {args.steps} steps, median over steps 6..{args.steps}")
