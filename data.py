@@ -51,6 +51,7 @@ SIZES = {"small": 0.09, "large": 0.16}  # radius as a fraction of the image side
 BACKGROUNDS = {"dark": (35, 35, 45), "gray": (110, 110, 115), "brown": (95, 75, 55)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 BUILTIN_VERSION = 2  # raise when the drawing, the texts or the templates change: old data sets are redrawn
+BUILTIN_MARKER = "builtin.json"  # the config the set was drawn with; written last, so it means "complete"
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.")
 
 
@@ -237,12 +238,12 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
     ranks = train_bpe(corpus, config.bpe_vocab_size - len(SPECIAL_TOKENS))
     save_bpe(os.path.join(data_dir, BUILTIN_TOKENIZER_FILE), ranks)
     marker = {**asdict(config), "version": BUILTIN_VERSION}
-    write_json(os.path.join(data_dir, "builtin.json"), marker)  # written last: marks the set complete
+    write_json(os.path.join(data_dir, BUILTIN_MARKER), marker)  # written last: marks the set complete
 
 
 def ensure_builtin(data_dir, config=BuiltinConfig(), progress=True):
     """Generate the built-in data set unless data_dir already holds it for this exact config."""
-    marker = os.path.join(data_dir, "builtin.json")
+    marker = os.path.join(data_dir, BUILTIN_MARKER)
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == {**asdict(config), "version": BUILTIN_VERSION}:

@@ -6,6 +6,7 @@ eval.py -- what the model answers, how often it is right, and where its tokens g
     python eval.py --ckpt out/stage3 --data_path my.json --image_folder my_images/   # your LLaVA-format data
     python eval.py --ckpt out/stage3 --image some.png --prompt "What colour is the circle?"   # one answer
     python eval.py --help                                     # every option, with its default
+    torchrun --standalone --nproc_per_node=8 eval.py --ckpt out/stage3   # questions and batches shared by 8 ranks
 
 What it measures (definitions in ../shared/REFERENCE.md):
   VQA      every question of the test conversations, asked with the image and the conversation so far (earlier
@@ -24,8 +25,11 @@ Everything lands in --out (default {ckpt}/eval/): metrics.json, answers.jsonl (e
 verdict), pope_answers.jsonl, routing.json, routing.csv, routing_training.csv and the PNG plots; with
 --compare, the second checkpoint's files go to {out}/compare/ and the side-by-side table to {out}/compare.txt.
 
-Structure: loading -> asking (batched generation) -> VQA scoring -> POPE -> losses and routing counts ->
-routing summary -> plots -> report -> main.
+Under torchrun every rank loads the whole model and takes every world-th generation batch and loss batch
+(the same batches as one process); the answers and counts are gathered, and rank 0 prints and writes.
+
+Structure: loading (and the ranks) -> asking (batched generation) -> VQA scoring -> POPE -> losses and routing
+counts -> routing summary -> plots -> report -> main.
 """
 import collections
 import dataclasses
@@ -39,6 +43,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
@@ -89,6 +94,52 @@ def load_model(ckpt_dir, device):
     return vlm.to(device).eval(), tokenizer, meta
 
 
+@dataclass
+class Ranks:
+    """This process's place under torchrun (rank 0 of 1 under plain python). Every rank holds the whole model;
+    work is shared out batch by batch, and each rank's results are gathered on all of them."""
+
+    rank: int = 0
+    world: int = 1
+
+    def mine(self, items):
+        """This rank's share of a list: every world-th item, from the rank-th."""
+        return items[self.rank::self.world]
+
+    def gather(self, obj):
+        """[rank 0's obj, rank 1's obj, ...] on every rank (all_gather_object: any picklable value)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def first(self, what, *args):
+        """what(*args) on rank 0 first (it may draw the data set), then on the others."""
+        if self.rank == 0:
+            result = what(*args)
+        if self.world > 1:
+            dist.barrier()
+        return result if self.rank == 0 else what(*args)
+
+
+def init_ranks(device_name):
+    """-> (Ranks, device). Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU), one GPU per rank."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Ranks(), pick_device(device_name)
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"error: {torch.cuda.device_count()} GPUs on this node, but --nproc_per_node asks for "
+                             f"more; use at most that many, or --device=cpu")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), world), device
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,11 +166,13 @@ class Question:
     max_new_tokens: int
 
 
-def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers"):
+def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers",
+                     ranks=Ranks()):
     """Greedy answers to Questions, in their order; None for a question whose image cannot be read.
 
     Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
-    batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless.
+    batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless. Under torchrun
+    each rank answers every world-th batch, and all answers are gathered on every rank.
     """
     answers = [None] * len(questions)
     size = vlm.config.vision.image_size
@@ -128,7 +181,7 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
         group = sorted((i for i, q in enumerate(questions) if q.max_new_tokens == new),
                        key=lambda i: len(questions[i].prompt))
         chunks += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    for chunk in tqdm(chunks, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for chunk in tqdm(ranks.mine(chunks), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         kept, pixels, loaded = [], [], {}
         for i in chunk:
             q = questions[i]
@@ -150,6 +203,10 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
                                max_new_tokens=questions[kept[0]].max_new_tokens)
         for i, row in zip(kept, out.tolist()):
             answers[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
+    if ranks.world > 1:  # each question was asked by exactly one rank
+        for theirs in ranks.gather({i: answers[i] for chunk in ranks.mine(chunks) for i in chunk}):
+            for i, answer in theirs.items():
+                answers[i] = answer
     return answers
 
 
@@ -376,9 +433,9 @@ class RoutingCounts:
 
 
 @torch.no_grad()
-def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses"):
+def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", ranks=Ranks()):
     """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts
-    (None for a dense model).
+    (None for a dense model). Under torchrun each rank runs every world-th batch; the sums are gathered.
 
     Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop. The
     capacity is a share of one forward's tokens: what is dropped depends on batch_size."""
@@ -390,7 +447,7 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         return None, None
     batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
     ce_sum, ce_tokens = 0.0, 0
-    starts = range(0, len(examples), batch_size)
+    starts = ranks.mine(range(0, len(examples), batch_size))
     for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         try:
             batch = batches.collate(examples[start:start + batch_size]).to(device)
@@ -403,7 +460,22 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         ce_tokens += n
         if counts is not None:
             add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
+    if ranks.world > 1:  # the sums over every rank's batches, on every rank
+        gathered = ranks.gather((ce_sum, ce_tokens, counts))
+        ce_sum, ce_tokens = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+        if counts is not None:
+            counts = gathered[0][2]
+            for _, _, theirs in gathered[1:]:
+                add_counts(counts, theirs)
     return (ce_sum / ce_tokens if ce_tokens else None), counts
+
+
+def add_counts(counts, other):
+    """Add another RoutingCounts (of the same model) into counts."""
+    for name in ("topk_counts", "top1_counts", "dropped", "tokens"):
+        getattr(counts, name).add_(getattr(other, name))
+    for mine, theirs in zip(counts.pathways, other.pathways):
+        mine.update(theirs)
 
 
 def add_routing(counts, routing, image_mask, attention_mask):
@@ -701,25 +773,26 @@ def write_jsonl(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def run_vqa(vlm, tokenizer, data, config, device, out, log):
+def run_vqa(vlm, tokenizer, data, config, device, out, log, ranks=Ranks()):
     """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
     questions, skipped = vqa_questions(data.samples, data.folder, tokenizer, vlm, config, log)
     if not questions:
         raise SystemExit(f"error: {data.answer_file} has no question the model can be asked; see the skipped "
                          f"counts above")
-    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA")
-    write_jsonl(os.path.join(out, "answers.jsonl"), (
-        {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
-         "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
+    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA", ranks)
+    if ranks.rank == 0:
+        write_jsonl(os.path.join(out, "answers.jsonl"), (
+            {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
+             "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
     return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
 
 
-def run_pope(vlm, tokenizer, data, config, device, out):
+def run_pope(vlm, tokenizer, data, config, device, out, ranks=Ranks()):
     """POPE metrics per split and their mean, and pope_answers.jsonl."""
     probe = pope_probe(data.scenes, data.train_scenes, config.pope_per_image, config.seed)
     unique = pope_questions(probe, data.folder, tokenizer, vlm, config)
     said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
-                                             config.progress, "POPE")))
+                                             config.progress, "POPE", ranks)))
     metrics, records = {}, []
     for split, items in probe.items():
         asked = [(scene, kind, present, said[(scene["image"], kind)]) for scene, kind, present in items]
@@ -727,7 +800,8 @@ def run_pope(vlm, tokenizer, data, config, device, out):
         metrics[split] = pope_metrics([pope_says_yes(a) for *_, a in asked], [present for _, _, present, _ in asked])
         records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
                      "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
-    write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
+    if ranks.rank == 0:
+        write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
     # one figure per checkpoint: the mean over the three splits
     metrics["average"] = {k: float(np.mean([metrics[s][k] for s in POPE_SPLITS]))
                           for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
@@ -741,13 +815,16 @@ def examples_of(samples, path, template, folder, tokenizer, vlm, log):
                            max_bad_fraction=1.0, log=log, samples=samples)
 
 
-def evaluate(config, model, data, out, log=print):
+def evaluate(config, model, data, out, log=print, ranks=Ranks()):
     """Evaluate one loaded checkpoint (load_model's triple) on data: VQA, POPE (built-in data), losses, routing.
-    Writes metrics.json, answers.jsonl, pope_answers.jsonl and the routing files into out; returns the metrics."""
+    Writes metrics.json, answers.jsonl, pope_answers.jsonl and the routing files into out (rank 0 alone, under
+    torchrun); returns the metrics (on every rank)."""
     t_start = time.time()
     vlm, tokenizer, meta = model
     device = next(vlm.parameters()).device
-    os.makedirs(out, exist_ok=True)
+    writer = ranks.rank == 0
+    if writer:
+        os.makedirs(out, exist_ok=True)
     moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
     log(f"{meta['checkpoint']}: stage {meta.get('stage')}, step {meta.get('step')}, "
         + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
@@ -761,26 +838,28 @@ def evaluate(config, model, data, out, log=print):
         log(f"  {name}: {metrics['seconds'][name]:.1f} s")
         return result
 
-    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log)
+    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log,
+                                               ranks)
     if data.scenes is not None:
-        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out)
+        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out, ranks)
     answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
     answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
-                              config.batch_size, device, config.progress, "answer loss")
+                              config.batch_size, device, config.progress, "answer loss", ranks)
     metrics["loss"] = {"answer_ce": answer_ce}
     if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
         captions = examples_of(data.captions, data.caption_file, "plain", data.folder, tokenizer, vlm, log)
         metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
-                                                 config.batch_size, device, config.progress, "caption loss")
+                                                 config.batch_size, device, config.progress, "caption loss", ranks)
     metrics["routing"] = None
     if counts is not None:
         summary = routing_summary(counts)
         metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
                                                       "capacity_factor", "dropped_fraction")}
         records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
-        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots)
+        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots) if writer else []
     metrics["seconds"]["total"] = round(time.time() - t_start, 1)
-    D.write_json(os.path.join(out, "metrics.json"), metrics)
+    if writer:
+        D.write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
 
@@ -849,33 +928,43 @@ def parse_args(argv):
 
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would repeat the whole evaluation
-        raise SystemExit("error: eval.py runs in one process: launch it with python, not torchrun")
-    device = pick_device(config.device)
+    if config.prompt and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("error: --prompt answers one question: run it with python, not torchrun")
+    ranks, device = init_ranks(config.device)
+    try:
+        return evaluate_all(config, ranks, device)
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
+
+
+def evaluate_all(config, ranks, device):
+    log = print if ranks.rank == 0 else (lambda *args, **kwargs: None)  # under torchrun rank 0 alone speaks
+    config = dataclasses.replace(config, progress=config.progress and ranks.rank == 0)
     model = load_model(config.ckpt, device)
     if config.prompt:  # single-image chat
         answer = chat(*model[:2], config.prompt, config.image, device, config.max_new_tokens)
         print(answer)
         return answer
     out = config.out or os.path.join(config.ckpt, "eval")
-    data = resolve_data(config, model[2])
-    results = [evaluate(config, model, data, out)]
+    data = ranks.first(resolve_data, config, model[2], log)
+    results = [evaluate(config, model, data, out, log, ranks)]
     if config.compare:  # the second checkpoint answers the same questions
         trained_on = model[2].get("data_config")
         del model
         second = load_model(config.compare, device)
         if not config.data_path and second[2].get("data_config") != trained_on:
-            print(f"note: {config.compare} was trained on a different built-in data set than {config.ckpt}; both "
-                  f"are evaluated on {data.folder}")
-        results.append(evaluate(config, second, data, os.path.join(out, "compare")))
+            log(f"note: {config.compare} was trained on a different built-in data set than {config.ckpt}; both "
+                f"are evaluated on {data.folder}")
+        results.append(evaluate(config, second, data, os.path.join(out, "compare"), log, ranks))
     table = format_table(results)
-    print("\n" + table)
-    if config.compare:
+    log("\n" + table)
+    if config.compare and ranks.rank == 0:
         with open(os.path.join(out, "compare.txt"), "w") as f:
             f.write(table + "\n")
     written = ["metrics.json", "answers.jsonl"] + (["pope_answers.jsonl"] if data.scenes is not None else []) + \
         (results[0]["routing"] or {}).get("files", []) + (["compare.txt", "compare/"] if config.compare else [])
-    print(f"\nwrote into {out}: {', '.join(written)}")
+    log(f"\nwrote into {out}: {', '.join(written)}")
     return results
 
 

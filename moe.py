@@ -365,6 +365,7 @@ class Exchange(torch.autograd.Function):
         return back, None, None, None
 
 
+@torch.compiler.disable  # collectives whose sizes are data: eager code (compile would break the graph anyway)
 def dispatch_expert_parallel(x, experts, expert_index, weights, keep, group, num_experts, use_grouped_mm=False):
     """dispatch_sorted over an expert-parallel group: this rank holds experts [rank * L, (rank + 1) * L) of
     num_experts, L = experts.num_experts; x, expert_index, weights, keep are this rank's own tokens.
@@ -388,7 +389,12 @@ def dispatch_expert_parallel(x, experts, expert_index, weights, keep, group, num
     dist.all_to_all_single(arriving, counts, group=group)
     send_sizes = counts.view(ep, local).sum(1).tolist()  # rows for each rank
     recv_sizes = arriving.view(ep, local).sum(1).tolist()  # rows from each rank
-    x_arrived = Exchange.apply(x[order // k], send_sizes, recv_sizes, group)  # (M_in, in)
+    rows = x[order // k]
+    if torch.is_grad_enabled() and not rows.requires_grad:
+        # the backward exchanges too, and every rank must join it: a rank whose tokens need no gradient (a
+        # text-only batch under a frozen LLM) still sends its gradient home, which is then dropped
+        rows = rows.detach().requires_grad_(True)
+    x_arrived = Exchange.apply(rows, send_sizes, recv_sizes, group)  # (M_in, in)
 
     local_expert = torch.arange(local, device=x.device).repeat(ep)  # the local expert of each [s, j] block
     row_expert = torch.repeat_interleave(local_expert, arriving, output_size=x_arrived.shape[0])

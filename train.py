@@ -32,8 +32,10 @@ From one GPU to many (torch.distributed; NCCL on CUDA, gloo on CPU, chosen autom
     torchrun --standalone --nproc_per_node=4 train.py --stage 3 --ep_size=4       # experts spread over 4 ranks
 Each rank reads its own micro-batches; the global batch (--global_batch = batch_size x grad_accum x ranks) fixes
 the accumulation, and the same global batch trains the same model whatever the number of ranks. Only rank 0
-prints and writes. SIGTERM / SIGINT write a checkpoint at the end of the step; with --max-restarts, torchrun
-relaunches and --resume continues from it (a stage without a checkpoint starts from its beginning).
+prints and writes; several nodes must share one file system for --out_dir and --data_dir. SIGTERM / SIGINT
+(to torchrun, which passes them on) write a checkpoint at the end of the step and exit: the same command with
+--resume continues from it. torchrun --max-restarts relaunches after a failed rank, and --resume then continues
+from the last periodic checkpoint (a stage without a checkpoint starts from its beginning).
 
 Structure: configuration -> command line -> data per stage -> model per stage (which parameters train) ->
 checkpoints -> the loop (one for all stages) -> main.
@@ -195,17 +197,12 @@ def parse_args(argv):
         nested["projector"] = args["projector"]
     if config.data_path and len(stages) > 1:
         raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
+    if config.global_batch and given.get("grad_accum") not in (None, 1):
+        raise SystemExit("error: --global_batch sets the accumulation itself; give it or --grad_accum, not both")
+    for name, least in {"batch_size": 1, "grad_accum": 1, "ep_size": 1, "global_batch": 0}.items():
+        if getattr(config, name) < least:
+            raise SystemExit(f"error: --{name}={getattr(config, name)} must be at least {least}")
     return stages, config, nested
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data per stage
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only (torchrun sets RANK; a plain `python train.py` is rank 0)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +227,12 @@ class Runtime:
     @property
     def distributed(self):
         return self.world > 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (torchrun sets RANK; a plain `python train.py` is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
 
 
 def compute_init(config):
@@ -266,6 +269,15 @@ def compute_init(config):
     return rt
 
 
+def seen_by_every_rank(path, rt):
+    """Several nodes must share one file system for --out_dir and --data_dir: one clear error (on every rank,
+    so that none waits for the others) if some ranks see `path` and others do not."""
+    seen = all_reduce_sum([float(os.path.exists(path))], rt)[0]
+    if 0 < seen < rt.world:
+        raise SystemExit(f"error: {path} exists for {seen:.0f} of {rt.world} ranks: on several nodes, --out_dir "
+                         "and --data_dir must be on a file system that every node shares")
+
+
 def all_reduce_sum(values, rt):
     """Sum a list of numbers over all ranks (one all_reduce); unchanged in a single process."""
     if not rt.distributed:
@@ -282,12 +294,13 @@ def expert_layers(vlm):
 
 def full_model_state(vlm):
     """The model's state dict with every expert whole (gathered from the expert-parallel group): a checkpoint
-    written with --ep_size loads anywhere. Every rank must call it (all_gather)."""
+    written with --ep_size loads anywhere. Every rank must call it (all_gather). The whole experts are kept on
+    the CPU: the device holds one gathered tensor at a time, on top of the rank's shard."""
     state = vlm.state_dict()
     for name, module in vlm.named_modules():
         if isinstance(module, MoELayer) and module.ep_group is not None:
             for pname, p in module.experts.named_parameters():
-                state[f"{name}.experts.{pname}"] = gather_experts(p.detach(), module.ep_group)
+                state[f"{name}.experts.{pname}"] = gather_experts(p.detach(), module.ep_group).cpu()
     return state
 
 
@@ -340,7 +353,8 @@ def clip_grad_norm(params, vlm, max_norm, rt):
 
 class Interrupt:
     """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then an exit (a second SIGINT
-    stops at once). torchrun --max-restarts then relaunches, and --resume continues from that checkpoint."""
+    stops at once); --resume continues from that checkpoint. Under torchrun the signal goes to torchrun, which
+    passes it on to every rank and kills them after --shutdown-timeout seconds."""
 
     def __init__(self):
         self.signal, self.previous = None, {}
@@ -364,6 +378,10 @@ class Interrupt:
         return all_reduce_sum([float(self.signal is not None)], rt)[0] > 0
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Data per stage
+
+
 def stage_dir(config, stage):
     return os.path.join(config.out_dir, f"stage{stage}")
 
@@ -381,7 +399,7 @@ def load_stage_data(stage, config, tokenizer, vlm_config, split):
     path = user_file or os.path.join(config.data_dir, f"{default}_{split}.json")
     max_len = vlm_config.llm.max_seq_len
     load = lambda path, **kw: D.load_examples(path, folder, tokenizer, max_len=max_len,  # noqa: E731
-                                              max_bad_fraction=config.max_bad_fraction, **kw)
+                                              max_bad_fraction=config.max_bad_fraction, log=print0, **kw)
     if stage == 0:
         # CLIP reads the caption alone (the image goes to the ViT, not into the text): no image tokens
         pairs = load(path, template="plain", num_image_tokens=0)
@@ -520,8 +538,14 @@ class StageModel(nn.Module):
     def forward(self, batch):
         device = next(self.vlm.parameters()).device
         if self.clip is not None:
-            return stage0_loss(self.vlm, self.clip, *batch, device)
-        return vlm_loss(self.vlm, batch, device)
+            losses, routing = stage0_loss(self.vlm, self.clip, *batch, device)
+        else:
+            losses, routing = vlm_loss(self.vlm, batch, device)
+        if torch.is_grad_enabled():
+            # A text-only batch leaves the projector out of the graph. Every trained parameter still joins every
+            # step, with a zero gradient: DDP waits for each one, and stage I's loss would have nothing to train.
+            losses["loss"] = losses["loss"] + sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
+        return losses, routing
 
 
 def micro_batch(batches, stage, index, device):
@@ -533,6 +557,17 @@ def micro_batch(batches, stage, index, device):
 
 def batch_tokens(batch):
     return batch[1].num_tokens if isinstance(batch, tuple) else batch.num_tokens
+
+
+def readable_batch(load, indices, what):
+    """load(i) for the first i of `indices` whose batch has a readable image. In a distributed run a rank whose
+    own batch is unreadable runs this stand-in at weight 0: every rank must join each step's collectives."""
+    for i in indices:
+        try:
+            return load(i)
+        except D.EmptyBatch:
+            pass
+    raise SystemExit(f"error: no {what} batch has a readable image")
 
 
 def micro_index(step, micro, config, rt):
@@ -553,25 +588,27 @@ def accumulate_gradients(train_model, batches, stage, step, config, rt, warn=pri
     must take part.
     """
     names = ("loss", "clip", "lm") if stage == 0 else ("loss", "ce", "aux")
-    raw, tokens, good, routed, standin = dict.fromkeys(names, 0.0), 0, 0, None, None
+    raw, tokens, good, routed = dict.fromkeys(names, 0.0), 0, 0, None
+    load = lambda i: micro_batch(batches, stage, i, rt.device)  # noqa: E731
+    per_epoch = min(b.per_epoch for b in (batches if stage == 0 else (batches,)))
     for micro in range(config.grad_accum):
-        weight = 1.0
+        weight, index = 1.0, micro_index(step, micro, config, rt)
         try:
-            batch = standin = micro_batch(batches, stage, micro_index(step, micro, config, rt), rt.device)
+            batch = load(index)
         except D.EmptyBatch as e:  # every image of the batch unreadable: skip it, never crash the run
-            warn(f"stage {stage} step {step}: {e}; batch skipped")
+            warn(f"stage {stage} step {step}" + (f" (rank {rt.rank})" if rt.distributed else "") +
+                 f": {e}; batch skipped")
             if not rt.distributed:
                 continue
-            weight = 0.0
-            batch = standin if standin is not None else micro_batch(batches, stage, 0, rt.device)
+            weight, batch = 0.0, readable_batch(load, range(index + 1, index + 1 + per_epoch), "training")
         last = micro == config.grad_accum - 1
         with train_model.no_sync() if rt.distributed and not last else contextlib.nullcontext():
             losses, routing = train_model(batch)
             (weight * losses["loss"] / config.grad_accum).backward()
+        if routing:  # (a stand-in counts zero: every rank then has counts to all-reduce)
+            counts = routing_counts(routing) * int(weight)
+            routed = counts if routed is None else routed + counts
         if weight:
-            if routing:
-                counts = routing_counts(routing)
-                routed = counts if routed is None else routed + counts
             for k in names:
                 raw[k] += float(losses[k].detach())
             tokens += batch_tokens(batch)
@@ -594,13 +631,16 @@ def validate(stage, model, val_batches, config, rt):
     n = min(config.eval_batches, *(s.per_epoch for s in sets))
     names = ("loss", "clip", "lm") if stage == 0 else ("loss", "ce", "aux")
     totals, used = dict.fromkeys(names, 0.0), 0.0
+    load = lambda i: tuple(s.in_order(i).to(rt.device) for s in sets)  # noqa: E731
     for i in range(rt.rank, -(-n // rt.world) * rt.world, rt.world):
         weight = float(i < n)
         try:
-            batch = tuple(s.in_order(min(i, n - 1)).to(rt.device) for s in sets)
-            losses, _ = model(batch if stage == 0 else batch[0])
-        except D.EmptyBatch:
-            continue
+            batch = load(min(i, n - 1))
+        except D.EmptyBatch:  # unreadable images: left out (a stand-in at weight 0 keeps the ranks in step)
+            if not rt.distributed:
+                continue
+            weight, batch = 0.0, readable_batch(load, range(min(s.per_epoch for s in sets)), "validation")
+        losses, _ = model(batch if stage == 0 else batch[0])
         used += weight
         for k in names:
             totals[k] += weight * float(losses[k])
@@ -710,6 +750,10 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
     make_previous = f"python train.py --stage {stage - 1} --out_dir {config.out_dir}"
 
     # 1. where the stage starts: the previous stage's checkpoint, or (resuming) its own
+    if rt.distributed:  # (a file system not shared between nodes would show here)
+        seen_by_every_rank(os.path.join(out, "ckpt.pt"), rt)
+        if stage > 0:
+            seen_by_every_rank(os.path.join(previous, "ckpt.pt"), rt)
     own = None
     if config.resume:
         if os.path.exists(os.path.join(out, "ckpt.pt")):
@@ -733,6 +777,7 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
             D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
         if rt.distributed:
             dist.barrier()
+            seen_by_every_rank(os.path.join(config.data_dir, D.BUILTIN_MARKER), rt)
         D.ensure_builtin(config.data_dir, data_config, progress=False)
     try:
         tokenizer = D.load_tokenizer(tokenizer_name, token_dir)
@@ -845,7 +890,8 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
         state = full_model_state(vlm)
         optimizer_state = optimizer.state_dict()
         if rt.ep_group is not None:
-            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm, gather_experts)
+            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm,
+                                                      lambda t, group: gather_experts(t, group).cpu())
         if main_rank:
             extra = {"clip": clip.state_dict()} if clip is not None else None
             save_checkpoint(out, state, optimizer_state, meta, extra)
@@ -878,7 +924,7 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
                 bar.close()
                 checkpoint(step)
                 raise SystemExit(f"stage {stage}: stopped by a signal before step {step}; the checkpoint in {out} "
-                                 f"holds step {step}; continue with --resume")
+                                 f"holds step {step}; continue with --resume" if main_rank else 1)
             t0 = time.time()
             lr = lr_at(step, iters, peak_lr, config.warmup_frac)
             for group in optimizer.param_groups:
@@ -923,7 +969,7 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
     if meta["done"] and stage >= 2 and (config.val_data_path or not config.data_path):
         path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")
         checker = vlm
-        if rt.ep_group is not None:  # generation stops at different steps per rank: check with whole experts
+        if expert_layers(vlm):  # generation stops at different steps per rank: check with a whole-expert copy
             checker = VLM(vlm.config).to(device)
             checker.load_state_dict(full_model_state(vlm))
         meta["val_answer_match"] = answer_check(checker, tokenizer, config, path, device, log=log, rt=rt)
@@ -958,15 +1004,15 @@ def keep_log_lines(path, upto_step):
 def main(argv=None):
     stages, config, nested = parse_args(sys.argv[1:] if argv is None else argv)
     rt = compute_init(config)
-    if config.global_batch:  # the global batch fixes the accumulation for this world size
-        per_step = config.batch_size * rt.world
-        if config.global_batch % per_step:
-            raise SystemExit(f"error: --global_batch={config.global_batch} is not a multiple of --batch_size="
-                             f"{config.batch_size} x {rt.world} processes")
-        config = replace(config, grad_accum=config.global_batch // per_step)
     interrupt = Interrupt() if argv is None else None  # signal handlers for the command line, not for callers
     summary = []
     try:
+        if config.global_batch:  # the global batch fixes the accumulation for this world size
+            per_step = config.batch_size * rt.world
+            if config.global_batch % per_step:
+                raise SystemExit(f"error: --global_batch={config.global_batch} is not a multiple of --batch_size="
+                                 f"{config.batch_size} x {rt.world} processes")
+            config = replace(config, grad_accum=config.global_batch // per_step)
         for stage in stages:
             try:
                 meta = run_stage(stage, config, nested, rt=rt, interrupt=interrupt)

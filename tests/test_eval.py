@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -344,3 +346,31 @@ def test_a_missing_checkpoint_or_bad_option_is_one_clear_error(pipeline, tmp_pat
         assert stop.value.code == 2 and message in capsys.readouterr().err, args
     with pytest.raises(SystemExit, match="no CUDA GPU" if not torch.cuda.is_available() else "not a device"):
         E.main(["--ckpt", str(out / "stage3"), "--device=cuda" if not torch.cuda.is_available() else "--device=gpu"])
+
+
+def test_two_ranks_evaluate_what_one_process_evaluates(pipeline, tmp_path):
+    """Under torchrun each rank answers and scores its share of the batches; rank 0 writes what one process
+    writes (the same answers, POPE records, losses to rounding, and routing counts)."""
+    out, data_dir = pipeline
+    args = ["--ckpt", str(out / "stage3"), "--compare", str(out / "stage2"), "--data_dir", data_dir, *QUIET,
+            "--plots=false"]
+    E.main([*args, "--out", str(tmp_path / "one")])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--shutdown_timeout=5", "eval.py", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote into") == 1  # rank 0 alone speaks
+    for sub in ("", "compare"):
+        one, two = tmp_path / "one" / sub, tmp_path / "two" / sub
+        assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+        for name in ("answers.jsonl", "pope_answers.jsonl"):
+            assert (one / name).read_text() == (two / name).read_text(), name
+        m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+        for key in ("vqa", "pope", "skipped", "routing"):
+            assert m1[key] == m2[key], key
+        for key, value in m1["loss"].items():
+            assert m2["loss"][key] == pytest.approx(value, rel=1e-5), key
+    routing = [json.loads((tmp_path / d / "routing.json").read_text()) for d in ("one", "two")]
+    assert routing[0] == routing[1] and routing[0]["tokens"]
