@@ -518,7 +518,8 @@ def routing_summary(counts, top_paths=10):
     pathways = {}
     for name, counter in zip(("text", "image"), counts.pathways):
         total = sum(counter.values()) or 1
-        pathways[name] = [{"experts": list(p), "share": n / total} for p, n in counter.most_common(top_paths)]
+        top = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:top_paths]  # ties: by the path itself
+        pathways[name] = [{"experts": list(p), "share": n / total} for p, n in top]
     return {
         "layers": counts.layers, "num_experts": counts.topk_counts.shape[-1], "top_k": counts.top_k,
         "capacity_factor": counts.capacity_factor,

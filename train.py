@@ -199,7 +199,9 @@ def parse_args(argv):
         raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
     if config.global_batch and given.get("grad_accum") not in (None, 1):
         raise SystemExit("error: --global_batch sets the accumulation itself; give it or --grad_accum, not both")
-    for name, least in {"batch_size": 1, "grad_accum": 1, "ep_size": 1, "global_batch": 0}.items():
+    least_values = {"batch_size": 1, "clip_batch_size": 1, "grad_accum": 1, "global_batch": 0, "ep_size": 1,
+                    "eval_batches": 1, "eval_interval": 1, "log_interval": 1, "routing_interval": 1, "ckpt_interval": 1}
+    for name, least in least_values.items():
         if getattr(config, name) < least:
             raise SystemExit(f"error: --{name}={getattr(config, name)} must be at least {least}")
     return stages, config, nested
@@ -275,7 +277,7 @@ def seen_by_every_rank(path, rt):
     seen = all_reduce_sum([float(os.path.exists(path))], rt)[0]
     if 0 < seen < rt.world:
         raise SystemExit(f"error: {path} exists for {seen:.0f} of {rt.world} ranks: on several nodes, --out_dir "
-                         "and --data_dir must be on a file system that every node shares")
+                         "and --data_dir must be on a file system that every node shares" if rt.rank == 0 else 1)
 
 
 def all_reduce_sum(values, rt):
@@ -292,15 +294,17 @@ def expert_layers(vlm):
     return [m for m in vlm.modules() if isinstance(m, MoELayer) and m.ep_group is not None]
 
 
-def full_model_state(vlm):
+def full_model_state(vlm, keep=True):
     """The model's state dict with every expert whole (gathered from the expert-parallel group): a checkpoint
-    written with --ep_size loads anywhere. Every rank must call it (all_gather). The whole experts are kept on
-    the CPU: the device holds one gathered tensor at a time, on top of the rank's shard."""
-    state = vlm.state_dict()
+    written with --ep_size loads anywhere. Every rank must call it (all_gather); keep=False takes part and keeps
+    nothing. The whole experts go to the CPU: the device holds one gathered tensor at a time beside its shard."""
+    state = vlm.state_dict() if keep else {}
     for name, module in vlm.named_modules():
         if isinstance(module, MoELayer) and module.ep_group is not None:
             for pname, p in module.experts.named_parameters():
-                state[f"{name}.experts.{pname}"] = gather_experts(p.detach(), module.ep_group).cpu()
+                whole = gather_experts(p.detach(), module.ep_group)
+                if keep:
+                    state[f"{name}.experts.{pname}"] = whole.cpu()
     return state
 
 
@@ -542,9 +546,12 @@ class StageModel(nn.Module):
         else:
             losses, routing = vlm_loss(self.vlm, batch, device)
         if torch.is_grad_enabled():
-            # A text-only batch leaves the projector out of the graph. Every trained parameter still joins every
-            # step, with a zero gradient: DDP waits for each one, and stage I's loss would have nothing to train.
-            losses["loss"] = losses["loss"] + sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
+            # A text-only batch leaves the projector (the one part a batch can leave out) out of the graph. It
+            # joins with a zero gradient all the same: DDP waits for every trained parameter, and stage I's
+            # loss would have nothing to train. (A step with no image on any rank then drops these zeros, so
+            # that AdamW skips the projector as it always did: see run_stage.)
+            losses["loss"] = losses["loss"] + sum(p.view(-1)[0] * 0.0 for p in self.vlm.projector.parameters()
+                                                  if p.requires_grad)
         return losses, routing
 
 
@@ -580,15 +587,16 @@ def micro_index(step, micro, config, rt):
 def accumulate_gradients(train_model, batches, stage, step, config, rt, warn=print):
     """Forward and backward over this rank's grad_accum micro-batches of optimizer step `step`.
 
-    Returns the mean losses over every rank's micro-batches, the tokens over all ranks, and this rank's routing
-    counts summed over its micro-batches (routing_counts); or (None, 0, None) if no rank had a readable
-    micro-batch. DDP all-reduces the gradients during the last micro-step's backward only (no_sync before it).
+    Returns the mean losses over every rank's micro-batches, the tokens over all ranks, this rank's routing
+    counts summed over its micro-batches (routing_counts), and the number of micro-batches with images over all
+    ranks; or (None, 0, None, 0) if no rank had a readable micro-batch. DDP all-reduces the gradients during
+    the last micro-step's backward only (no_sync before it).
     A micro-batch whose images are all unreadable is skipped; in a distributed run a stand-in batch runs at
     weight 0 instead, because the other ranks still all-reduce gradients and exchange tokens, and every rank
     must take part.
     """
     names = ("loss", "clip", "lm") if stage == 0 else ("loss", "ce", "aux")
-    raw, tokens, good, routed = dict.fromkeys(names, 0.0), 0, 0, None
+    raw, tokens, good, routed, pictured = dict.fromkeys(names, 0.0), 0, 0, None, 0
     load = lambda i: micro_batch(batches, stage, i, rt.device)  # noqa: E731
     per_epoch = min(b.per_epoch for b in (batches if stage == 0 else (batches,)))
     for micro in range(config.grad_accum):
@@ -613,10 +621,11 @@ def accumulate_gradients(train_model, batches, stage, step, config, rt, warn=pri
                 raw[k] += float(losses[k].detach())
             tokens += batch_tokens(batch)
             good += 1
-    *totals, tokens, good = all_reduce_sum([raw[k] for k in names] + [tokens, good], rt)
+            pictured += stage == 0 or batch.images is not None
+    *totals, tokens, good, pictured = all_reduce_sum([raw[k] for k in names] + [tokens, good, pictured], rt)
     if good == 0:
-        return None, 0, None
-    return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed
+        return None, 0, None, 0
+    return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed, int(pictured)
 
 
 @torch.no_grad()
@@ -887,11 +896,13 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
     def checkpoint(step, done=False):
         """Every rank takes part (expert shards are gathered); rank 0 writes."""
         meta.update(step=step, done=done, data_position={"micro_batches_consumed": step * config.grad_accum * rt.world})
-        state = full_model_state(vlm)
+        state = full_model_state(vlm, keep=main_rank)
         optimizer_state = optimizer.state_dict()
         if rt.ep_group is not None:
-            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm,
-                                                      lambda t, group: gather_experts(t, group).cpu())
+            def whole(t, group):  # every rank takes part in the gather; rank 0 alone keeps the result
+                gathered = gather_experts(t, group)
+                return gathered.cpu() if main_rank else None
+            optimizer_state = convert_optimizer_state(optimizer_state, optimizer, vlm, whole)
         if main_rank:
             extra = {"clip": clip.state_dict()} if clip is not None else None
             save_checkpoint(out, state, optimizer_state, meta, extra)
@@ -929,8 +940,8 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
             lr = lr_at(step, iters, peak_lr, config.warmup_frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums, tokens, routing = accumulate_gradients(train_model, train_batches, stage, step, config, rt,
-                                                         bar.write)
+            sums, tokens, routing, pictured = accumulate_gradients(train_model, train_batches, stage, step, config,
+                                                                   rt, bar.write)
             if sums is None:  # no readable micro-batch on any rank: no step
                 optimizer.zero_grad(set_to_none=True)
                 continue
@@ -941,6 +952,9 @@ def run_stage(stage, config, nested, log=print0, rt=Runtime(), interrupt=None):
                         f"no checkpoint of this stage was written yet; try a lower --stage{stage}_lr")
                 raise NonFiniteLoss(f"stage {stage}: the loss became {sums['loss']} at step {step}; stopped without "
                                     f"saving: {kept}")
+            if not pictured:  # no image anywhere in the step: the projector's zero gradient is no gradient
+                for p in vlm.projector.parameters():
+                    p.grad = None
             reduce_expert_grads(vlm, rt)
             clip_grad_norm(params, vlm, config.grad_clip, rt)
             optimizer.step()

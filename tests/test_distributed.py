@@ -4,8 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,30 +11,12 @@ import torch
 
 import data as D
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import launch, stop
 ARCH = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
         "--vision.width=64", "--vision.layers=2"]
 COMMON = ["--batch_size=2", "--clip_batch_size=8", "--eval_batches=2", "--progress=false", "--routing_interval=1",
           "--log_interval=1", "--data.n_train=48", "--data.n_val=16", "--data.n_test=8", "--max_iters=3",
           "--global_batch=8", "--grad_clip=0.05"]  # one process: 4 micro-batches of 2 per step; two ranks: 2 each
-
-
-def torchrun(*args, script="train.py", timeout=300, nproc=2):
-    """`torchrun --standalone --nproc_per_node=2 script args` from the repository root; returns its output."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--shutdown_timeout=5", script, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # torchrun passes SIGTERM on to its workers, and kills them 5 s later
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"torchrun hung for {timeout} s (a collective that not every rank joined?):\n{stderr[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    return stdout
 
 
 def params(out, stage):
@@ -50,12 +30,12 @@ def assert_same_model(a, b, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torchrun):
     """`--stage all` (3 steps per stage, global batch 8) in one process and as 2 torchrun ranks."""
     root = tmp_path_factory.mktemp("distributed")
     data = str(root / "data")
     train.main(["--stage", "all", "--out_dir", str(root / "one"), "--data_dir", data, *ARCH, *COMMON])
-    stdout = torchrun("--stage", "all", "--out_dir", str(root / "two"), "--data_dir", data, *ARCH, *COMMON)
+    stdout = torchrun("train.py", "--stage", "all", "--out_dir", str(root / "two"), "--data_dir", data, *ARCH, *COMMON)
     return root, data, stdout
 
 
@@ -83,66 +63,74 @@ def test_only_rank_0_prints_and_writes(runs):
     assert stdout.count("stage 3: done") == 1 and stdout.count("2 processes (gloo)") == 4
 
 
-def test_expert_parallel_trains_what_data_parallel_trains_and_resumes_anywhere(runs, tmp_path):
+def test_expert_parallel_trains_what_data_parallel_trains_and_resumes_anywhere(runs, tmp_path, torchrun):
     root, data, _ = runs
     for name in ("ep", "stopped", "four"):
         shutil.copytree(root / "two" / "stage2", tmp_path / name / "stage2")
-    torchrun("--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "ep"), "--data_dir", data, *COMMON)
+    torchrun("train.py", "--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "ep"), "--data_dir", data, *COMMON)
     dp, ep = params(root / "two", 3), params(tmp_path / "ep", 3)
     assert_same_model(dp, ep)  # the checkpoint holds whole experts, gathered from both ranks
     for i, state in dp["optimizer"]["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(ep["optimizer"]["state"][i][key], value, rtol=0, atol=1e-6)
     # 4 ranks, 2 expert-parallel groups of 2: each expert shard's gradient is also averaged over its 2 holders
-    torchrun("--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "four"), "--data_dir", data, *COMMON,
-             nproc=4)
+    torchrun("train.py", "--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "four"), "--data_dir", data,
+             *COMMON, nproc=4)
     assert_same_model(dp, params(tmp_path / "four", 3))
     # stopped after 1 step with experts spread over 2 ranks, resumed there for 1 more (each rank slices the whole
     # experts' optimizer state), then in 1 process: the same model as the uninterrupted run
     for resume in ([], ["--resume"]):
-        torchrun("--stage", "3", "--ep_size=2", "--stop_after=1", *resume, "--out_dir", str(tmp_path / "stopped"),
-                 "--data_dir", data, *COMMON)
+        torchrun("train.py", "--stage", "3", "--ep_size=2", "--stop_after=1", *resume, "--out_dir",
+                 str(tmp_path / "stopped"), "--data_dir", data, *COMMON)
     assert json.loads(params(tmp_path / "stopped", 3)["meta"])["step"] == 2
     train.main(["--stage", "3", "--resume", "--out_dir", str(tmp_path / "stopped"), "--data_dir", data, *COMMON])
     assert_same_model(ep, params(tmp_path / "stopped", 3))
 
 
-def test_text_only_and_unreadable_batches_on_one_rank_neither_hang_nor_change_training(runs, tmp_path):
+def test_text_only_and_unreadable_batches_on_one_rank_neither_hang_nor_change_training(runs, tmp_path, torchrun):
     """A text-only micro-batch leaves the projector without a gradient, and in stage III (frozen LLM) its tokens
     need none: DDP must still all-reduce, and expert parallelism must still exchange them in the backward. A
     micro-batch whose image is unreadable is skipped by one process; a rank runs a stand-in at weight 0 instead,
     in training and in validation, so that the other rank is not left waiting."""
     root, data, _ = runs
-    samples = D.read_json(os.path.join(data, "instruct_train.json"))
-    pictured = [s for s in samples if s.get("image")][:9]
-    text_only = [{"id": f"text{i}", "conversations": [dict(turn, value=turn["value"].replace("<image>", "").strip())
-                                                      for turn in s["conversations"]]}
-                 for i, s in enumerate(pictured[2:])]
+    pictured = [s for s in D.read_json(os.path.join(data, "instruct_train.json")) if s.get("image")][:10]
+    samples = [{"id": f"text{i}", "conversations": [dict(turn, value=turn["value"].replace("<image>", "").strip())
+                                                    for turn in s["conversations"]]} for i, s in enumerate(pictured)]
+    # 10 micro-batches of 1 sample, 5 steps of 2 ranks: one epoch. Step s of stage N reads positions 2s (rank 0)
+    # and 2s + 1 (rank 1) of the epoch's permutation (data.Batches, seed 1337 + N). Put the one readable image
+    # where its step partner is text-only in stages II and III, and a corrupt image anywhere else.
+    def partner(stage, i):
+        order = D.Batches(list(range(10)), 1, 32, 0, seed=1337 + stage).epoch_order(0).tolist()
+        return order[order.index(i) ^ 1]
+    image = 0
+    corrupt = next(c for c in range(1, 10) if c not in (partner(2, image), partner(3, image)))
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
-    corrupt = dict(pictured[1], image=str(tmp_path / "corrupt.png"))
-    D.write_json(str(tmp_path / "mixed.json"), [pictured[0], corrupt] + text_only)  # 10 micro-batches of 1
+    samples[image] = pictured[image]
+    samples[corrupt] = dict(pictured[corrupt], image=str(tmp_path / "corrupt.png"))
+    D.write_json(str(tmp_path / "mixed.json"), samples)
     user = ["--data_path", str(tmp_path / "mixed.json"), "--val_data_path", str(tmp_path / "mixed.json"),
             "--image_folder", data, "--batch_size=1", "--global_batch=2", "--max_iters=5", "--eval_batches=10",
             "--progress=false"]
     for name in ("one", "two"):
         shutil.copytree(root / "one" / "stage1", tmp_path / name / "stage1")
-    train.main(["--stage", "2", "--out_dir", str(tmp_path / "one"), *user])
-    torchrun("--stage", "2", "--out_dir", str(tmp_path / "two"), *user, timeout=120)
-    train.main(["--stage", "3", "--out_dir", str(tmp_path / "one"), *user])
-    torchrun("--stage", "3", "--ep_size=2", "--out_dir", str(tmp_path / "two"), *user, timeout=120)
-    for stage in (2, 3):
+    out = []
+    for stage, spread in ((2, []), (3, ["--ep_size=2"])):
+        train.main(["--stage", str(stage), "--out_dir", str(tmp_path / "one"), *user])
+        out.append(torchrun("train.py", "--stage", str(stage), *spread, "--out_dir", str(tmp_path / "two"), *user,
+                            timeout=120))
         one, two = params(tmp_path / "one", stage), params(tmp_path / "two", stage)
         assert_same_model(one, two)
         m1, m2 = json.loads(one["meta"]), json.loads(two["meta"])
         assert m1["val"].keys() == m2["val"].keys() and "val_ce" in m1["val"]
         for k, v in m1["val"].items():
             assert m2["val"][k] == pytest.approx(v, abs=1e-4), k
+        assert f"(rank {corrupt % 2}): " in out[-1] and "batch skipped" in out[-1]  # the stand-in ran
 
 
-def test_expert_parallel_layer_equals_the_whole_layer():
+def test_expert_parallel_layer_equals_the_whole_layer(torchrun):
     """Outputs and every gradient, with drops, k = 1 and 2, SwiGLU and GELU experts, and an expert that gets
     no tokens from one rank (tests/distributed_worker.py asserts, on each rank)."""
-    out = torchrun("expert_parallel_layer", script="tests/distributed_worker.py", timeout=120)
+    out = torchrun("tests/distributed_worker.py", "expert_parallel_layer", timeout=120)
     assert "rank 0: ok" in out and "rank 1: ok" in out
 
 
@@ -153,16 +141,16 @@ def test_a_signal_to_torchrun_checkpoints_the_step_and_resume_goes_on(runs, tmp_
     shutil.copytree(root / "one" / "stage1", tmp_path / "stage1")
     endless = ["--stage", "2", "--stage2_iters=100000", "--eval_interval=100000", "--ckpt_interval=100000",
                "--out_dir", str(tmp_path), "--data_dir", data, *[a for a in COMMON if "max_iters" not in a]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--shutdown_timeout=60", "train.py", *endless]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "stage2" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or log.read_text().count('"lr"') < 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc = launch("train.py", *endless, shutdown_timeout=60)
+    try:
+        log = tmp_path / "stage2" / "log.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not log.exists() or log.read_text().count('"lr"') < 2):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
     assert proc.returncode != 0 and err.count("stopped by a signal") == 1  # said once, by rank 0
     meta = json.loads(params(tmp_path, 2)["meta"])
     assert meta["step"] >= 2 and not meta["done"]  # the checkpoint of the step it stopped at
