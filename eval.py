@@ -124,20 +124,12 @@ class Ranks:
 
 
 def init_ranks(device_name):
-    """-> (Ranks, device). Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU), one GPU per rank."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return Ranks(), pick_device(device_name)
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        local = int(os.environ["LOCAL_RANK"])
-        if local >= torch.cuda.device_count():
-            raise SystemExit(f"error: {torch.cuda.device_count()} GPUs on this node, but --nproc_per_node asks for "
-                             f"more; use at most that many, or --device=cpu")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world), device
+    """-> (Ranks, device). Under torchrun, train.py's start: NCCL on CUDA, gloo on the CPU, one GPU per rank."""
+    device = pick_device(device_name)  # (its checks hold for every rank)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return Ranks(), device
+    rt = T.compute_init(T.TrainConfig(device=device.type))
+    return Ranks(rt.rank, rt.world), rt.device
 
 
 def pick_device(name):
