@@ -167,3 +167,25 @@ def test_impossible_distributed_settings_are_one_clear_error(tmp_path):
         train.main(["--stage", "3", "--global_batch=16", "--grad_accum=2", "--out_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--ep_size=0 must be at least 1"):
         train.main(["--stage", "3", "--ep_size=0", "--out_dir", str(tmp_path)])
+
+
+def test_a_step_without_images_leaves_the_projector_alone(runs, tmp_path):
+    """A text-only step gives the projector a zero gradient only to keep DDP's ranks in step; the step then
+    drops it, so that AdamW skips the projector (momentum would otherwise move it on text)."""
+    root, data, _ = runs
+    pictured = [s for s in D.read_json(os.path.join(data, "instruct_train.json")) if s.get("image")][:4]
+    samples = [{"id": f"text{i}", "conversations": [dict(turn, value=turn["value"].replace("<image>", "").strip())
+                                                    for turn in s["conversations"]]} for i, s in enumerate(pictured)]
+    first = D.Batches(list(range(4)), 1, 32, 0, seed=1337 + 2).epoch_order(0)[0].item()  # step 0's sample
+    samples[first] = pictured[first]  # the only image: in step 0, and never again
+    D.write_json(str(tmp_path / "once.json"), samples)
+    shutil.copytree(root / "one" / "stage1", tmp_path / "stage1")
+    user = ["--stage", "2", "--out_dir", str(tmp_path), "--data_path", str(tmp_path / "once.json"), "--image_folder",
+            data, "--batch_size=1", "--global_batch=1", "--max_iters=4", "--progress=false"]
+    train.main([*user, "--stop_after=1"])
+    after_image = params(tmp_path, 2)["model"]
+    train.main([*user, "--resume"])
+    final = params(tmp_path, 2)["model"]
+    projector = [k for k in final if k.startswith("projector.")]
+    assert projector and all(torch.equal(final[k], after_image[k]) for k in projector)
+    assert not torch.equal(final["llm.tok_emb.weight"], after_image["llm.tok_emb.weight"])  # the LLM trained on
