@@ -11,7 +11,9 @@ Read it top to bottom:
                               (no download); or a named tiktoken encoding (gpt2, cl100k_base, ...) where it loads
   3. templates               `plain` (stage I) and MoE-LLaVA's chat template (stages II-III); labels only on answers
   4. loading                 LLaVA JSON -> checked, tokenized samples; bad samples counted and skipped
-  5. batching                a deterministic, resumable order; padding, padding mask, labels, images
+  5. batching                a deterministic, resumable order; padding, padding mask, labels, images; stage 0's
+                              paired batches; what a run does with a batch whose images are all unreadable
+  6. command-line options    any config dataclass as typed --name=value options, its comments as the help
 
 `python data.py` writes the built-in data set (it is also written on first use by train.py). The same loader
 reads real LLaVA files: LLaVA-558K (blip_laion_cc_sbu_558k.json, stage I) and LLaVA-665K (llava_v1_5_mix665k.json,
@@ -20,12 +22,13 @@ stages II-III) with their image folders.
 import argparse
 import base64
 import collections
+import inspect
 import json
 import os
 import random
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import tiktoken
@@ -423,7 +426,7 @@ class BadSample(ValueError):
 
 
 class EmptyBatch(RuntimeError):
-    """Every sample of a batch had an unreadable image; the training loop skips the batch."""
+    """Every sample of a batch had an unreadable image (see batch_or_stand_in)."""
 
 
 def check_conversation(sample, template):
@@ -479,6 +482,9 @@ def read_json(path):
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; expected a LLaVA-format JSON file (images go in --image_folder)") \
+            from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); expected a LLaVA-format list of samples") from None
     if not isinstance(data, list):
@@ -633,6 +639,60 @@ class Batches:
         return Batch(input_ids, labels, mask, torch.stack(images) if images else None, skipped)
 
 
+@dataclass
+class PairedBatch:
+    """Stage 0's batch: image-caption pairs for the ViT (contrastive loss) and text for the LLM (next token)."""
+
+    pairs: Batch
+    text: Batch
+
+    def to(self, device):
+        return PairedBatch(self.pairs.to(device), self.text.to(device))
+
+    @property
+    def images(self):
+        return self.pairs.images
+
+    @property
+    def num_tokens(self):  # tokens/s counts what the LLM reads
+        return self.text.num_tokens
+
+
+class PairedBatches:
+    """Two streams read at the same index, as one stream of PairedBatch (stage 0)."""
+
+    def __init__(self, pairs: Batches, text: Batches):
+        self.pairs, self.text = pairs, text
+        self.per_epoch = min(pairs.per_epoch, text.per_epoch)
+
+    def __getitem__(self, step):
+        return PairedBatch(self.pairs[step], self.text[step])
+
+    def in_order(self, b):
+        return PairedBatch(self.pairs.in_order(b), self.text.in_order(b))
+
+
+def batch_or_stand_in(load, index, count, stand_in=False, warn=None):
+    """(load(index), 1.0), or, when every image of that batch is unreadable (EmptyBatch; warn(reason) is told):
+    (None, 0.0), the batch skipped -- or with stand_in=True the first readable batch after it (of the next
+    `count`) at weight 0.0. A distributed run needs the stand-in: every rank must join each step's collectives
+    (DDP's all-reduce, the experts' token exchange) even when its own batch is unusable, and at weight 0 it
+    changes nothing."""
+    try:
+        return load(index), 1.0
+    except EmptyBatch as e:
+        if warn is not None:
+            warn(str(e))
+        if not stand_in:
+            return None, 0.0
+    for i in range(index + 1, index + 1 + count):
+        try:
+            return load(i), 0.0
+        except EmptyBatch:
+            pass
+    raise SystemExit("error: no batch of the data set has a readable image; check --image_folder")
+
+
 def prompt_batch(prompts, pad_id):
     """Left-pad token-id prompts for batched generation: (B, T) ids and a (B, T) bool mask of real tokens."""
     T = max(len(p) for p in prompts)
@@ -644,13 +704,50 @@ def prompt_batch(prompts, pad_id):
     return ids, mask
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 6. Command-line options: every field of a config dataclass as --name=value (train.py, eval.py, data.py)
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def field_help(cls):
+    """Each field's help text is the comment beside it in the dataclass: one place documents a default."""
+    lines = inspect.getsource(cls).splitlines()
+    found = (re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def add_options(parser, cls, prefix="", skip=()):
+    """--{prefix}{field}=value for each field of cls with the field's type and its comment as help (default None,
+    so that what was given can be told from what was not); a bool may also be a bare flag (--resume)."""
+    helps = field_help(cls)
+    for f in fields(cls):
+        name = prefix + f.name
+        if name in skip or f.default is MISSING:
+            continue
+        kind = type(f.default)
+        extra = {"nargs": "?", "const": True} if kind is bool else {}
+        parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, dest=name,
+                            metavar=kind.__name__.upper(), help=f"{helps.get(f.name, cls.__name__ if prefix else '')} "
+                            f"(default {f.default!r})", **extra)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Write the built-in data set (scenes, LLaVA-format JSON, tokenizer).")
+    parser = argparse.ArgumentParser(description="Write the built-in data set (scenes, LLaVA-format JSON, tokenizer).",
+                                     allow_abbrev=False)
     parser.add_argument("--out", default="data/builtin", help="folder to write into (default: data/builtin)")
-    for name, default in asdict(BuiltinConfig()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
+    add_options(parser, BuiltinConfig)
     args = parser.parse_args()
-    config = BuiltinConfig(**{k: getattr(args, k) for k in asdict(BuiltinConfig())})
+    try:
+        config = BuiltinConfig(**{k: v for k, v in vars(args).items() if v is not None and k != "out"})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     generate_builtin(args.out, config)
     tok = load_tokenizer("builtin", args.out)
     sizes = {s: len(read_json(os.path.join(args.out, f"instruct_{s}.json"))) for s in ("train", "val", "test")}

@@ -8,7 +8,7 @@ eval.py -- what the model answers, how often it is right, and where its tokens g
     python eval.py --help                                     # every option, with its default
     torchrun --standalone --nproc_per_node=8 eval.py --ckpt out/stage3   # questions and batches shared by 8 ranks
 
-What it measures (definitions in ../shared/REFERENCE.md):
+What it measures (definitions and sources in docs/reference.md):
   VQA      every question of the test conversations, asked with the image and the conversation so far (earlier
            turns with their reference answers), answered greedily; exact match after normalize_answer, by
            question type. A "description" is scored by the objects it names (described_objects).
@@ -26,10 +26,12 @@ verdict), pope_answers.jsonl, routing.json, routing.csv, routing_training.csv an
 --compare, the second checkpoint's files go to {out}/compare/ and the side-by-side table to {out}/compare.txt.
 
 Under torchrun every rank loads the whole model and takes every world-th generation batch and loss batch
-(the same batches as one process); the answers and counts are gathered, and rank 0 prints and writes.
+(the same batches as one process); the answers and counts are gathered, and rank 0 prints and writes
+(parallel.Runtime: mine, gather).
 
-Structure: loading (and the ranks) -> asking (batched generation) -> VQA scoring -> POPE -> losses and routing
-counts -> routing summary -> plots -> report -> main.
+Read it top to bottom, the measurement path first: loading -> asking (batched generation) -> VQA -> POPE ->
+losses and routing counts -> one checkpoint's evaluation and the report; then the routing summary and its plots,
+and the command line.
 """
 import collections
 import dataclasses
@@ -43,12 +45,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-import train as T
-from model import IMAGE_TOKEN_INDEX, VLM, moe_layer_indices
+import parallel as P
+from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, load_checkpoint, moe_layer_indices
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: every default lives here; the command line overrides any field
@@ -82,9 +83,9 @@ class EvalConfig:
 
 def load_model(ckpt_dir, device):
     """-> (VLM in eval mode on device, Tokenizer, meta). Stops with one sentence if the folder is not usable."""
-    state = T.load_checkpoint(ckpt_dir, "checkpoint", make="python train.py --stage all")
+    state = load_checkpoint(ckpt_dir, "checkpoint", make="python train.py --stage all")
     meta = state["meta"]
-    vlm = VLM(T.vlm_config_from_dict(meta["model_config"]))
+    vlm = VLM(VLMConfig.from_dict(meta["model_config"]))
     vlm.load_state_dict(state["model"])
     try:
         tokenizer = D.load_tokenizer(meta["tokenizer"], ckpt_dir)
@@ -92,56 +93,6 @@ def load_model(ckpt_dir, device):
         raise SystemExit(f"error: {e}") from None
     meta["checkpoint"] = ckpt_dir
     return vlm.to(device).eval(), tokenizer, meta
-
-
-@dataclass
-class Ranks:
-    """This process's place under torchrun (rank 0 of 1 under plain python). Every rank holds the whole model;
-    work is shared out batch by batch, and each rank's results are gathered on all of them."""
-
-    rank: int = 0
-    world: int = 1
-
-    def mine(self, items):
-        """This rank's share of a list: every world-th item, from the rank-th."""
-        return items[self.rank::self.world]
-
-    def gather(self, obj):
-        """[rank 0's obj, rank 1's obj, ...] on every rank (all_gather_object: any picklable value)."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def first(self, what, *args):
-        """what(*args) on rank 0 first (it may draw the data set), then on the others."""
-        if self.rank == 0:
-            result = what(*args)
-        if self.world > 1:
-            dist.barrier()
-        return result if self.rank == 0 else what(*args)
-
-
-def init_ranks(device_name):
-    """-> (Ranks, device). Under torchrun, train.py's start: NCCL on CUDA, gloo on the CPU, one GPU per rank."""
-    device = pick_device(device_name)  # (its checks hold for every rank)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return Ranks(), device
-    rt = T.compute_init(T.TrainConfig(device=device.type))
-    return Ranks(rt.rank, rt.world), rt.device
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device={name} is not a device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={name} but this machine has no CUDA GPU; use --device=cpu")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +110,7 @@ class Question:
 
 
 def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers",
-                     ranks=Ranks()):
+                     rt=P.Runtime()):
     """Greedy answers to Questions, in their order; None for a question whose image cannot be read.
 
     Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
@@ -173,7 +124,7 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
         group = sorted((i for i, q in enumerate(questions) if q.max_new_tokens == new),
                        key=lambda i: len(questions[i].prompt))
         chunks += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    for chunk in tqdm(ranks.mine(chunks), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for chunk in tqdm(rt.mine(chunks), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         kept, pixels, loaded = [], [], {}
         for i in chunk:
             q = questions[i]
@@ -190,13 +141,13 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
             continue
         ids, mask = D.prompt_batch([questions[i].prompt for i in kept], tokenizer.eos_id)
         images = torch.stack(pixels).to(device) if pixels else None
-        with T.autocast(device):
+        with P.autocast(device):
             out = vlm.generate(ids.to(device), images, mask.to(device), eos_id=tokenizer.eos_id,
                                max_new_tokens=questions[kept[0]].max_new_tokens)
         for i, row in zip(kept, out.tolist()):
             answers[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
-    if ranks.world > 1:  # each question was asked by exactly one rank
-        for theirs in ranks.gather({i: answers[i] for chunk in ranks.mine(chunks) for i in chunk}):
+    if rt.distributed:  # each question was asked by exactly one rank
+        for theirs in rt.gather({i: answers[i] for chunk in rt.mine(chunks) for i in chunk}):
             for i, answer in theirs.items():
                 answers[i] = answer
     return answers
@@ -217,7 +168,7 @@ def chat(vlm, tokenizer, prompt, image_path, device, max_new_tokens):
         raise SystemExit(f"error: the prompt takes {len(ids)} tokens, the model reads at most "
                          f"{vlm.config.llm.max_seq_len}; ask a shorter question")
     ids = torch.as_tensor(ids.astype(np.int64))[None].to(device)
-    with T.autocast(device):
+    with P.autocast(device):
         out = vlm.generate(ids, pixels, max_new_tokens=min(max_new_tokens, room), eos_id=tokenizer.eos_id)
     return tokenizer.decode([t for t in out[0].tolist() if t != tokenizer.eos_id]).strip()
 
@@ -425,7 +376,7 @@ class RoutingCounts:
 
 
 @torch.no_grad()
-def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", ranks=Ranks()):
+def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", rt=P.Runtime()):
     """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts
     (None for a dense model). Under torchrun each rank runs every world-th batch; the sums are gathered.
 
@@ -439,21 +390,21 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         return None, None
     batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
     ce_sum, ce_tokens = 0.0, 0
-    starts = ranks.mine(range(0, len(examples), batch_size))
+    starts = rt.mine(range(0, len(examples), batch_size))
     for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         try:
             batch = batches.collate(examples[start:start + batch_size]).to(device)
         except D.EmptyBatch:
             continue
-        with T.autocast(device):
+        with P.autocast(device):
             out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
         n = int((batch.labels[:, 1:] != D.IGNORE_INDEX).sum())  # lm_loss's count of supervised targets
         ce_sum += float(out.ce_loss) * n
         ce_tokens += n
         if counts is not None:
             add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
-    if ranks.world > 1:  # the sums over every rank's batches, on every rank
-        gathered = ranks.gather((ce_sum, ce_tokens, counts))
+    if rt.distributed:  # the sums over every rank's batches, on every rank
+        gathered = rt.gather((ce_sum, ce_tokens, counts))
         ce_sum, ce_tokens = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
         if counts is not None:
             counts = gathered[0][2]
@@ -486,7 +437,165 @@ def add_routing(counts, routing, image_mask, attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. The routing summary: shares, modality split, balance, dropped, pathways
+# 6. One checkpoint's evaluation, and the report
+
+
+@dataclass
+class EvalData:
+    """What is evaluated: the same for every checkpoint of a --compare."""
+
+    folder: str  # image paths are relative to it
+    answer_file: str  # the conversations (VQA and the answer loss)
+    samples: list  # their samples (after --limit)
+    caption_file: str = None  # the captions (caption loss); built-in data only
+    captions: list = None
+    scenes: list = None  # each test image's objects (POPE); built-in data only
+    train_scenes: list = None  # the training scenes, for POPE's frequencies
+
+
+def resolve_data(config, meta, log=print):
+    """The user's file, or the built-in split of the data set the checkpoint was trained on (drawn if missing)."""
+    cut = slice(config.limit) if config.limit > 0 else slice(None)
+    try:
+        if config.data_path:
+            log("POPE: skipped for --data_path (it needs each image's object list: the built-in scenes)")
+            return EvalData(config.image_folder or os.path.dirname(config.data_path), config.data_path,
+                            D.read_json(config.data_path)[cut])
+        folder = config.data_dir or meta["train_config"]["data_dir"]
+        D.ensure_builtin(folder, D.BuiltinConfig(**meta["data_config"]), progress=config.progress)
+        path = lambda name: os.path.join(folder, f"{name}_{config.split}.json")  # noqa: E731
+        return EvalData(folder, path("instruct"), D.read_json(path("instruct"))[cut], path("captions"),
+                        D.read_json(path("captions"))[cut], D.read_json(path("scenes"))[cut],
+                        D.read_json(os.path.join(folder, "scenes_train.json")))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def run_vqa(vlm, tokenizer, data, config, device, out, log, rt=P.Runtime()):
+    """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
+    questions, skipped = vqa_questions(data.samples, data.folder, tokenizer, vlm, config, log)
+    if not questions:
+        raise SystemExit(f"error: {data.answer_file} has no question the model can be asked; see the skipped "
+                         f"counts above")
+    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA", rt)
+    if rt.rank == 0:
+        write_jsonl(os.path.join(out, "answers.jsonl"), (
+            {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
+             "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
+    return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
+
+
+def run_pope(vlm, tokenizer, data, config, device, out, rt=P.Runtime()):
+    """POPE metrics per split and their mean, and pope_answers.jsonl."""
+    probe = pope_probe(data.scenes, data.train_scenes, config.pope_per_image, config.seed)
+    unique = pope_questions(probe, data.folder, tokenizer, vlm, config)
+    said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
+                                             config.progress, "POPE", rt)))
+    metrics, records = {}, []
+    for split, items in probe.items():
+        asked = [(scene, kind, present, said[(scene["image"], kind)]) for scene, kind, present in items]
+        asked = [x for x in asked if x[3] is not None]  # an unreadable image has no answer
+        metrics[split] = pope_metrics([pope_says_yes(a) for *_, a in asked], [present for _, _, present, _ in asked])
+        records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
+                     "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
+    if rt.rank == 0:
+        write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
+    # one figure per checkpoint: the mean over the three splits
+    metrics["average"] = {k: float(np.mean([metrics[s][k] for s in POPE_SPLITS]))
+                          for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    metrics["average"]["n"] = sum(metrics[s]["n"] for s in POPE_SPLITS)
+    return metrics
+
+
+def examples_of(samples, path, template, folder, tokenizer, vlm, log):
+    """Teacher-forcing Examples of samples (bad ones skipped and counted), for the losses."""
+    return D.load_examples(path, folder, tokenizer, template, vlm.num_image_tokens, vlm.config.llm.max_seq_len,
+                           max_bad_fraction=1.0, log=log, samples=samples)
+
+
+def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
+    """Evaluate one loaded checkpoint (load_model's triple) on data: VQA, POPE (built-in data), losses, routing.
+    Writes metrics.json, answers.jsonl, pope_answers.jsonl and the routing files into out (rank 0 alone, under
+    torchrun); returns the metrics (on every rank)."""
+    t_start = time.time()
+    vlm, tokenizer, meta = model
+    device = next(vlm.parameters()).device
+    writer = rt.rank == 0
+    if writer:
+        os.makedirs(out, exist_ok=True)
+    moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    log(f"{meta['checkpoint']}: stage {meta.get('stage')}, step {meta.get('step')}, "
+        + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
+    metrics = {"checkpoint": meta["checkpoint"], "stage": meta.get("stage"), "step": meta.get("step"),
+               "data": data.answer_file, "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
+
+    def timed(name, what, *args):
+        t0 = time.time()
+        result = what(*args)
+        metrics["seconds"][name] = round(time.time() - t0, 1)
+        log(f"  {name}: {metrics['seconds'][name]:.1f} s")
+        return result
+
+    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log, rt)
+    if data.scenes is not None:
+        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out, rt)
+    answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
+    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
+                              config.batch_size, device, config.progress, "answer loss", rt)
+    metrics["loss"] = {"answer_ce": answer_ce}
+    if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
+        captions = examples_of(data.captions, data.caption_file, "plain", data.folder, tokenizer, vlm, log)
+        metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
+                                                 config.batch_size, device, config.progress, "caption loss", rt)
+    metrics["routing"] = None
+    if counts is not None:
+        summary = routing_summary(counts)
+        metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
+                                                      "capacity_factor", "dropped_fraction")}
+        records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
+        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots) if writer else []
+    metrics["seconds"]["total"] = round(time.time() - t_start, 1)
+    if writer:
+        D.write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def metric_rows(m):
+    """(label, value text) rows of one checkpoint's metrics, in the table's order."""
+    rows = [(f"VQA {t} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in m["vqa"].items()]
+    for split, p in (m.get("pope") or {}).items():
+        rows.append((f"POPE {split} (n={p['n']}): acc / prec / rec / F1 / yes", " / ".join(
+            f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
+    rows += [(name.replace("_", " "), "-" if v is None else f"{v:.4f}") for name, v in m["loss"].items()]
+    if m.get("routing"):
+        r = m["routing"]
+        for i, layer in enumerate(r["layers"]):
+            rows.append((f"layer {layer}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
+                         f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
+    return rows
+
+
+def format_table(results):
+    """A text table: one row per metric, one column per checkpoint (percentages unless a loss)."""
+    names = [m["checkpoint"] for m in results]
+    columns = [dict(metric_rows(m)) for m in results]
+    labels = list(dict.fromkeys(label for c in columns for label in c))
+    width = max(len(x) for x in labels + ["metric"])
+    cols = [max(len(n), *(len(c.get(label, "-")) for label in labels)) for n, c in zip(names, columns)]
+    lines = ["metric".ljust(width) + "".join(f"  {n:>{w}}" for n, w in zip(names, cols))]
+    lines.append("-" * len(lines[0]))
+    for label in labels:
+        lines.append(label.ljust(width) + "".join(f"  {c.get(label, '-'):>{w}}" for c, w in zip(columns, cols)))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. The routing summary: shares, modality split, balance, dropped, pathways
 
 
 def shares(counts):
@@ -572,7 +681,7 @@ def write_training_csv(records, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Plots: matplotlib's object API (Figure, no pyplot), so nothing needs a display and no global state changes
+# 8. Plots: matplotlib's object API (Figure, no pyplot), so nothing needs a display and no global state changes
 
 def new_figure(ncols, nrows=1, width=4.2, height=3.4):
     from matplotlib.figure import Figure
@@ -727,165 +836,6 @@ def write_routing_outputs(summary, records, out, plots=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. One checkpoint's evaluation, and the report
-
-
-@dataclass
-class EvalData:
-    """What is evaluated: the same for every checkpoint of a --compare."""
-
-    folder: str  # image paths are relative to it
-    answer_file: str  # the conversations (VQA and the answer loss)
-    samples: list  # their samples (after --limit)
-    caption_file: str = None  # the captions (caption loss); built-in data only
-    captions: list = None
-    scenes: list = None  # each test image's objects (POPE); built-in data only
-    train_scenes: list = None  # the training scenes, for POPE's frequencies
-
-
-def resolve_data(config, meta, log=print):
-    """The user's file, or the built-in split of the data set the checkpoint was trained on (drawn if missing)."""
-    cut = slice(config.limit) if config.limit > 0 else slice(None)
-    try:
-        if config.data_path:
-            log("POPE: skipped for --data_path (it needs each image's object list: the built-in scenes)")
-            return EvalData(config.image_folder or os.path.dirname(config.data_path), config.data_path,
-                            D.read_json(config.data_path)[cut])
-        folder = config.data_dir or meta["train_config"]["data_dir"]
-        D.ensure_builtin(folder, D.BuiltinConfig(**meta["data_config"]), progress=config.progress)
-        path = lambda name: os.path.join(folder, f"{name}_{config.split}.json")  # noqa: E731
-        return EvalData(folder, path("instruct"), D.read_json(path("instruct"))[cut], path("captions"),
-                        D.read_json(path("captions"))[cut], D.read_json(path("scenes"))[cut],
-                        D.read_json(os.path.join(folder, "scenes_train.json")))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def run_vqa(vlm, tokenizer, data, config, device, out, log, ranks=Ranks()):
-    """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
-    questions, skipped = vqa_questions(data.samples, data.folder, tokenizer, vlm, config, log)
-    if not questions:
-        raise SystemExit(f"error: {data.answer_file} has no question the model can be asked; see the skipped "
-                         f"counts above")
-    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA", ranks)
-    if ranks.rank == 0:
-        write_jsonl(os.path.join(out, "answers.jsonl"), (
-            {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
-             "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
-    return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
-
-
-def run_pope(vlm, tokenizer, data, config, device, out, ranks=Ranks()):
-    """POPE metrics per split and their mean, and pope_answers.jsonl."""
-    probe = pope_probe(data.scenes, data.train_scenes, config.pope_per_image, config.seed)
-    unique = pope_questions(probe, data.folder, tokenizer, vlm, config)
-    said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
-                                             config.progress, "POPE", ranks)))
-    metrics, records = {}, []
-    for split, items in probe.items():
-        asked = [(scene, kind, present, said[(scene["image"], kind)]) for scene, kind, present in items]
-        asked = [x for x in asked if x[3] is not None]  # an unreadable image has no answer
-        metrics[split] = pope_metrics([pope_says_yes(a) for *_, a in asked], [present for _, _, present, _ in asked])
-        records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
-                     "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
-    if ranks.rank == 0:
-        write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
-    # one figure per checkpoint: the mean over the three splits
-    metrics["average"] = {k: float(np.mean([metrics[s][k] for s in POPE_SPLITS]))
-                          for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-    metrics["average"]["n"] = sum(metrics[s]["n"] for s in POPE_SPLITS)
-    return metrics
-
-
-def examples_of(samples, path, template, folder, tokenizer, vlm, log):
-    """Teacher-forcing Examples of samples (bad ones skipped and counted), for the losses."""
-    return D.load_examples(path, folder, tokenizer, template, vlm.num_image_tokens, vlm.config.llm.max_seq_len,
-                           max_bad_fraction=1.0, log=log, samples=samples)
-
-
-def evaluate(config, model, data, out, log=print, ranks=Ranks()):
-    """Evaluate one loaded checkpoint (load_model's triple) on data: VQA, POPE (built-in data), losses, routing.
-    Writes metrics.json, answers.jsonl, pope_answers.jsonl and the routing files into out (rank 0 alone, under
-    torchrun); returns the metrics (on every rank)."""
-    t_start = time.time()
-    vlm, tokenizer, meta = model
-    device = next(vlm.parameters()).device
-    writer = ranks.rank == 0
-    if writer:
-        os.makedirs(out, exist_ok=True)
-    moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
-    log(f"{meta['checkpoint']}: stage {meta.get('stage')}, step {meta.get('step')}, "
-        + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
-    metrics = {"checkpoint": meta["checkpoint"], "stage": meta.get("stage"), "step": meta.get("step"),
-               "data": data.answer_file, "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
-
-    def timed(name, what, *args):
-        t0 = time.time()
-        result = what(*args)
-        metrics["seconds"][name] = round(time.time() - t0, 1)
-        log(f"  {name}: {metrics['seconds'][name]:.1f} s")
-        return result
-
-    metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log,
-                                               ranks)
-    if data.scenes is not None:
-        metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out, ranks)
-    answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
-    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
-                              config.batch_size, device, config.progress, "answer loss", ranks)
-    metrics["loss"] = {"answer_ce": answer_ce}
-    if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
-        captions = examples_of(data.captions, data.caption_file, "plain", data.folder, tokenizer, vlm, log)
-        metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
-                                                 config.batch_size, device, config.progress, "caption loss", ranks)
-    metrics["routing"] = None
-    if counts is not None:
-        summary = routing_summary(counts)
-        metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
-                                                      "capacity_factor", "dropped_fraction")}
-        records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
-        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots) if writer else []
-    metrics["seconds"]["total"] = round(time.time() - t_start, 1)
-    if writer:
-        D.write_json(os.path.join(out, "metrics.json"), metrics)
-    return metrics
-
-
-def metric_rows(m):
-    """(label, value text) rows of one checkpoint's metrics, in the table's order."""
-    rows = [(f"VQA {t} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in m["vqa"].items()]
-    for split, p in (m.get("pope") or {}).items():
-        rows.append((f"POPE {split} (n={p['n']}): acc / prec / rec / F1 / yes", " / ".join(
-            f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
-    rows += [(name.replace("_", " "), "-" if v is None else f"{v:.4f}") for name, v in m["loss"].items()]
-    if m.get("routing"):
-        r = m["routing"]
-        for i, layer in enumerate(r["layers"]):
-            rows.append((f"layer {layer}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
-                         f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
-    return rows
-
-
-def format_table(results):
-    """A text table: one row per metric, one column per checkpoint (percentages unless a loss)."""
-    names = [m["checkpoint"] for m in results]
-    columns = [dict(metric_rows(m)) for m in results]
-    labels = list(dict.fromkeys(label for c in columns for label in c))
-    width = max(len(x) for x in labels + ["metric"])
-    cols = [max(len(n), *(len(c.get(label, "-")) for label in labels)) for n, c in zip(names, columns)]
-    lines = ["metric".ljust(width) + "".join(f"  {n:>{w}}" for n, w in zip(names, cols))]
-    lines.append("-" * len(lines[0]))
-    for label in labels:
-        lines.append(label.ljust(width) + "".join(f"  {c.get(label, '-'):>{w}}" for c, w in zip(columns, cols)))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # 9. Command line
 
 
@@ -894,9 +844,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Options are type-checked; an unknown option is an error.")
-    helps = T.field_help(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        T.add_field(p, f.name, f, f"{helps.get(f.name, '')} (default {f.default!r})")
+    D.add_options(p, EvalConfig)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     config = EvalConfig(**given)
     chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit")
@@ -923,25 +871,26 @@ def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
     if config.prompt and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("error: --prompt answers one question: run it with python, not torchrun")
-    ranks, device = init_ranks(config.device)
+    rt = P.compute_init(config.device)
     try:
-        return evaluate_all(config, ranks, device)
+        return evaluate_all(config, rt)
     finally:
-        if ranks.world > 1:
-            dist.destroy_process_group()
+        P.compute_cleanup(rt)
 
 
-def evaluate_all(config, ranks, device):
-    log = print if ranks.rank == 0 else (lambda *args, **kwargs: None)  # under torchrun rank 0 alone speaks
-    config = dataclasses.replace(config, progress=config.progress and ranks.rank == 0)
+def evaluate_all(config, rt):
+    """The single-image chat, or the full evaluation of --ckpt (and --compare) with its table and files."""
+    log = print if rt.rank == 0 else (lambda *args, **kwargs: None)  # under torchrun rank 0 alone speaks
+    config = dataclasses.replace(config, progress=config.progress and rt.rank == 0)
+    device = rt.device
     model = load_model(config.ckpt, device)
     if config.prompt:  # single-image chat
         answer = chat(*model[:2], config.prompt, config.image, device, config.max_new_tokens)
         print(answer)
         return answer
     out = config.out or os.path.join(config.ckpt, "eval")
-    data = ranks.first(resolve_data, config, model[2], log)
-    results = [evaluate(config, model, data, out, log, ranks)]
+    data = rt.first(resolve_data, config, model[2], log)
+    results = [evaluate(config, model, data, out, log, rt)]
     if config.compare:  # the second checkpoint answers the same questions
         trained_on = model[2].get("data_config")
         del model
@@ -949,10 +898,10 @@ def evaluate_all(config, ranks, device):
         if not config.data_path and second[2].get("data_config") != trained_on:
             log(f"note: {config.compare} was trained on a different built-in data set than {config.ckpt}; both "
                 f"are evaluated on {data.folder}")
-        results.append(evaluate(config, second, data, os.path.join(out, "compare"), log, ranks))
+        results.append(evaluate(config, second, data, os.path.join(out, "compare"), log, rt))
     table = format_table(results)
     log("\n" + table)
-    if config.compare and ranks.rank == 0:
+    if config.compare and rt.rank == 0:
         with open(os.path.join(out, "compare.txt"), "w") as f:
             f.write(table + "\n")
     written = ["metrics.json", "answers.jsonl"] + (["pope_answers.jsonl"] if data.scenes is not None else []) + \

@@ -12,8 +12,11 @@ inside the model; we let the data pipeline write one sentinel per patch instead,
 is known before the model runs (padding, truncation that never cuts an image, batching) and the splice is a
 single masked_scatter.
 
-Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM.
+Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM, then the
+checkpoint file that train.py writes and eval.py reads (save_checkpoint, load_checkpoint).
 """
+import json
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -396,6 +399,12 @@ class VLMConfig:
             raise ValueError(f"VLMConfig: an image takes {self.vision.num_patches} tokens, which leaves no room for "
                              f"text in max_seq_len={self.llm.max_seq_len}")
 
+    @classmethod
+    def from_dict(cls, d):
+        """The config back from dataclasses.asdict(config), as a checkpoint's metadata stores it."""
+        llm = dict(d["llm"], moe=MoEConfig(**d["llm"]["moe"]))
+        return cls(vision=ViTConfig(**d["vision"]), llm=LLMConfig(**llm), projector=d["projector"])
+
 
 PRESETS = {
     "tiny": VLMConfig(vision=VIT_PRESETS["tiny"],
@@ -472,3 +481,45 @@ class VLM(nn.Module):
         """Answer a batch of (left-padded) prompts with images; kwargs as LLM.generate."""
         embeds, _ = self.embed(input_ids, images)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: one file, written atomically; the metadata inside it is the truth, meta.json a readable copy
+
+
+def save_checkpoint(directory, model_state, optimizer_state, meta, extra=None):
+    """{directory}/ckpt.pt: model and optimizer state, the metadata as JSON (configs, step, data position), and
+    the RNG states, so that a resumed run continues exactly; and {directory}/meta.json, the metadata readable."""
+    os.makedirs(directory, exist_ok=True)
+    state = {"model": model_state, "optimizer": optimizer_state, "meta": json.dumps(meta),
+             "rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    if extra:
+        state.update(extra)
+    path = os.path.join(directory, "ckpt.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous checkpoint whole
+    write_meta(directory, meta)
+
+
+def write_meta(directory, meta):
+    path = os.path.join(directory, "meta.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(directory, what="checkpoint", make=None):
+    """The checkpoint dict, its metadata parsed. A missing or unreadable file stops with one sentence (and the
+    command that makes it, if given). torch.load(weights_only=True): tensors only, nothing is unpickled."""
+    path = os.path.join(directory, "ckpt.pt")
+    if not os.path.exists(path):
+        hint = f": run `{make}` first" if make else ""
+        raise SystemExit(f"error: {what} {path} does not exist{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from None
+    state["meta"] = json.loads(state["meta"])
+    return state

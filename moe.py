@@ -20,7 +20,7 @@ Read it top to bottom:
 
 Sources: MoE-LLaVA (arXiv 2401.15947) and DeepSpeed's `top2gating`; Switch Transformer (arXiv 2101.03961);
 ST-MoE (arXiv 2202.08906) for the z-loss; MegaBlocks (arXiv 2211.15841) for sort + grouped GEMM; sparse
-upcycling (arXiv 2212.05055). The facts we rely on are summarised in ../shared/REFERENCE.md.
+upcycling (arXiv 2212.05055). The formulas and hyperparameters we rely on, in our words: docs/reference.md.
 """
 import math
 import warnings

@@ -119,7 +119,7 @@ class Permute(torch.autograd.Function):
 
 class Combine(torch.autograd.Function):
     """y[t] = sum_s w[t, s] * rows[dest[t, s]], in fp32. Backward: d_rows[dest[t, s]] = w[t, s] * dy[t] and
-    dw[t, s] = <dy[t], rows[dest[t, s]]> (REFERENCE.md, "Expert dispatch": needs rows saved)."""
+    dw[t, s] = <dy[t], rows[dest[t, s]]> (docs/reference.md, "Dispatch": needs rows saved)."""
 
     @staticmethod
     def forward(ctx, rows, weights, dest, src, ext):

@@ -323,18 +323,19 @@ torch::Tensor combine(torch::Tensor rows, c10::optional<torch::Tensor> weights, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "combine", [&] {
     const scalar_t* rp = rows.data_ptr<scalar_t>();
     const bool vec = packs_fit(H, sizeof(scalar_t), {rp});
+    const int32_t* dp = dest.data_ptr<int32_t>();
     if (weighted) {
       float* op = out.data_ptr<float>();
       if (vec)
-        combine_kernel<scalar_t, float, true><<<N, kRowThreads, 0, stream>>>(rp, wp, dest.data_ptr<int32_t>(), k, H, op);
+        combine_kernel<scalar_t, float, true><<<N, kRowThreads, 0, stream>>>(rp, wp, dp, k, H, op);
       else
-        combine_kernel<scalar_t, float, false><<<N, kRowThreads, 0, stream>>>(rp, wp, dest.data_ptr<int32_t>(), k, H, op);
+        combine_kernel<scalar_t, float, false><<<N, kRowThreads, 0, stream>>>(rp, wp, dp, k, H, op);
     } else {
       scalar_t* op = out.data_ptr<scalar_t>();
       if (vec)
-        combine_kernel<scalar_t, scalar_t, true><<<N, kRowThreads, 0, stream>>>(rp, wp, dest.data_ptr<int32_t>(), k, H, op);
+        combine_kernel<scalar_t, scalar_t, true><<<N, kRowThreads, 0, stream>>>(rp, wp, dp, k, H, op);
       else
-        combine_kernel<scalar_t, scalar_t, false><<<N, kRowThreads, 0, stream>>>(rp, wp, dest.data_ptr<int32_t>(), k, H, op);
+        combine_kernel<scalar_t, scalar_t, false><<<N, kRowThreads, 0, stream>>>(rp, wp, dp, k, H, op);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

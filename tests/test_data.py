@@ -278,3 +278,24 @@ def test_an_unreadable_image_drops_its_sample_not_the_run(builtin, tok, tmp_path
     assert batch.skipped == 1 and batch.input_ids.shape[0] == 3 and batch.images.shape == (3, 3, 16, 16)
     with pytest.raises(D.EmptyBatch):  # the training loop skips such a batch
         D.Batches(examples[3:], 1, 16, 0).in_order(0)
+
+
+def test_an_unreadable_batch_is_skipped_or_stood_in_for_at_weight_0():
+    """data.batch_or_stand_in: one process skips a batch whose images are all unreadable; a distributed rank runs
+    the next readable batch at weight 0 instead (it must join the step's collectives)."""
+    def load(i):
+        if i in (1, 2):
+            raise D.EmptyBatch(f"batch {i}: all images unreadable")
+        return f"batch {i}"
+    warned = []
+    assert D.batch_or_stand_in(load, 0, 4) == ("batch 0", 1.0)
+    assert D.batch_or_stand_in(load, 1, 4, warn=warned.append) == (None, 0.0)
+    assert warned == ["batch 1: all images unreadable"]
+    assert D.batch_or_stand_in(load, 1, 4, stand_in=True) == ("batch 3", 0.0)
+    with pytest.raises(SystemExit, match="no batch of the data set has a readable image"):
+        D.batch_or_stand_in(lambda i: load(1), 1, 4, stand_in=True)
+
+
+def test_a_folder_given_as_a_json_file_is_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match="is a folder; expected a LLaVA-format JSON file"):
+        D.read_json(str(tmp_path))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data as D
+import parallel as P
 import train
 from conftest import launch, stop
 ARCH = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
@@ -189,3 +190,22 @@ def test_a_step_without_images_leaves_the_projector_alone(runs, tmp_path):
     projector = [k for k in final if k.startswith("projector.")]
     assert projector and all(torch.equal(final[k], after_image[k]) for k in projector)
     assert not torch.equal(final["llm.tok_emb.weight"], after_image["llm.tok_emb.weight"])  # the LLM trained on
+
+
+def test_in_one_process_the_runtime_is_the_obvious_thing():
+    """parallel.py's calls cost nothing in one process, so train.py's loop reads the same for 1 and N ranks."""
+    rt = P.compute_init("cpu")
+    assert (rt.rank, rt.world, rt.distributed, rt.device) == (0, 1, False, torch.device("cpu"))
+    assert rt.sum([1.5, 2]) == [1.5, 2] and rt.gather("x") == ["x"] and rt.mine([1, 2, 3]) == [1, 2, 3]
+    assert rt.first(lambda a: a + 1, 1) == 2
+    model = torch.nn.Linear(2, 2)
+    assert P.data_parallel(model, rt) is model and P.whole_model_copy(model) is model
+    assert [P.micro_index(step, micro, 3, rt) for step in range(2) for micro in range(3)] == list(range(6))
+    with P.no_sync(model, last=False, rt=rt):
+        pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="--device=cuda but this machine has no CUDA GPU; use --device=cpu"):
+        train.main(["--stage", "3", "--device=cuda", "--out_dir", str(tmp_path)])

@@ -15,6 +15,7 @@ from PIL import Image
 
 import data as D
 import eval as E
+import parallel as P
 import train
 
 SMALL = ["--llm.dim=64", "--llm.ffn_dim=128", "--llm.max_seq_len=128", "--vision.image_size=32",
@@ -370,7 +371,7 @@ def test_two_ranks_evaluate_what_one_process_evaluates(pipeline, tmp_path, torch
 
 
 def test_ranks_share_the_work_and_merged_counts_do_not_depend_on_the_order():
-    ranks = [E.Ranks(r, 3) for r in range(3)]
+    ranks = [P.Runtime(rank=r, world=3) for r in range(3)]
     shares = [r.mine(list(range(8))) for r in ranks]
     assert sorted(sum(shares, [])) == list(range(8)) and all(shares)  # each item once, every rank some
     def counts(paths):

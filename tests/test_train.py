@@ -9,7 +9,7 @@ import torch
 
 import data as D
 import train
-from model import PRESETS, VLM
+from model import PRESETS, VLM, VLMConfig
 from moe import MoEConfig
 
 DATA = ["--data.n_train=48", "--data.n_val=16", "--data.n_test=8"]
@@ -77,12 +77,12 @@ def initial_state(stage, out):
     meta = json.loads((out / f"stage{stage}" / "meta.json").read_text())
     torch.manual_seed(meta["train_config"]["seed"] + stage)
     if stage == 0:
-        return VLM(train.vlm_config_from_dict(meta["model_config"])).state_dict()
+        return VLM(VLMConfig.from_dict(meta["model_config"])).state_dict()
     prev = json.loads((out / f"stage{stage - 1}" / "meta.json").read_text())
-    vlm = VLM(train.vlm_config_from_dict(prev["model_config"]))
+    vlm = VLM(VLMConfig.from_dict(prev["model_config"]))
     vlm.load_state_dict(load_state(out, stage - 1)["model"])
     if stage == 3:
-        vlm.upcycle_to_moe("sparse", train.vlm_config_from_dict(meta["model_config"]).llm.moe)
+        vlm.upcycle_to_moe("sparse", VLMConfig.from_dict(meta["model_config"]).llm.moe)
     return vlm.state_dict()
 
 
@@ -244,3 +244,10 @@ def test_user_data_with_bad_samples_trains_and_reports_them(pipeline, tmp_path, 
         data_dir=data_dir)
     captured = capsys.readouterr().out
     assert "skipped 1 of" in captured and "1 image file missing" in captured
+
+
+def test_a_folder_as_data_path_is_one_clear_error(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    with pytest.raises(SystemExit, match="is a folder; expected a LLaVA-format JSON file"):
+        run(tmp_path, "--stage", "2", "--max_iters=1", f"--data_path={tmp_path}", data_dir=data_dir)
