@@ -665,17 +665,17 @@ class PairedBatches:
         self.pairs, self.text = pairs, text
         self.per_epoch = min(pairs.per_epoch, text.per_epoch)
 
-    def __getitem__(self, step):
-        return PairedBatch(self.pairs[step], self.text[step])
+    def __getitem__(self, index):
+        return PairedBatch(self.pairs[index], self.text[index])
 
     def in_order(self, b):
         return PairedBatch(self.pairs.in_order(b), self.text.in_order(b))
 
 
-def batch_or_stand_in(load, index, count, stand_in=False, warn=None):
+def batch_or_stand_in(load, index, search, stand_in=False, warn=None):
     """(load(index), 1.0), or, when every image of that batch is unreadable (EmptyBatch; warn(reason) is told):
-    (None, 0.0), the batch skipped -- or with stand_in=True the first readable batch after it (of the next
-    `count`) at weight 0.0. A distributed run needs the stand-in: every rank must join each step's collectives
+    (None, 0.0), the batch skipped -- or with stand_in=True the first readable batch of the `search` after it,
+    at weight 0.0. A distributed run needs the stand-in: every rank must join each step's collectives
     (DDP's all-reduce, the experts' token exchange) even when its own batch is unusable, and at weight 0 it
     changes nothing."""
     try:
@@ -685,7 +685,7 @@ def batch_or_stand_in(load, index, count, stand_in=False, warn=None):
             warn(str(e))
         if not stand_in:
             return None, 0.0
-    for i in range(index + 1, index + 1 + count):
+    for i in range(index + 1, index + 1 + search):
         try:
             return load(i), 0.0
         except EmptyBatch:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
-from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, load_checkpoint, moe_layer_indices
+from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, autocast, load_checkpoint, moe_layer_indices
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: every default lives here; the command line overrides any field
@@ -141,7 +141,7 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
             continue
         ids, mask = D.prompt_batch([questions[i].prompt for i in kept], tokenizer.eos_id)
         images = torch.stack(pixels).to(device) if pixels else None
-        with P.autocast(device):
+        with autocast(device):
             out = vlm.generate(ids.to(device), images, mask.to(device), eos_id=tokenizer.eos_id,
                                max_new_tokens=questions[kept[0]].max_new_tokens)
         for i, row in zip(kept, out.tolist()):
@@ -168,7 +168,7 @@ def chat(vlm, tokenizer, prompt, image_path, device, max_new_tokens):
         raise SystemExit(f"error: the prompt takes {len(ids)} tokens, the model reads at most "
                          f"{vlm.config.llm.max_seq_len}; ask a shorter question")
     ids = torch.as_tensor(ids.astype(np.int64))[None].to(device)
-    with P.autocast(device):
+    with autocast(device):
         out = vlm.generate(ids, pixels, max_new_tokens=min(max_new_tokens, room), eos_id=tokenizer.eos_id)
     return tokenizer.decode([t for t in out[0].tolist() if t != tokenizer.eos_id]).strip()
 
@@ -396,7 +396,7 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
             batch = batches.collate(examples[start:start + batch_size]).to(device)
         except D.EmptyBatch:
             continue
-        with P.autocast(device):
+        with autocast(device):
             out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
         n = int((batch.labels[:, 1:] != D.IGNORE_INDEX).sum())  # lm_loss's count of supervised targets
         ce_sum += float(out.ce_loss) * n

@@ -15,6 +15,7 @@ single masked_scatter.
 Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM, then the
 checkpoint file that train.py writes and eval.py reads (save_checkpoint, load_checkpoint).
 """
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -483,6 +484,14 @@ class VLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 
+def autocast(device):
+    """Mixed precision where it pays: bf16 autocast on CUDA (the routers stay fp32: moe.router_logits); plain
+    fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: one file, written atomically; the metadata inside it is the truth, meta.json a readable copy
 
@@ -504,6 +513,7 @@ def save_checkpoint(directory, model_state, optimizer_state, meta, extra=None):
 
 
 def write_meta(directory, meta):
+    """meta.json, written atomically (as data.write_json does; model.py imports nothing from data.py)."""
     path = os.path.join(directory, "meta.json")
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)

@@ -40,7 +40,8 @@ continues from the last periodic checkpoint. Several nodes must share one file s
 --data_dir (seen_by_every_rank stops the run with one sentence if they do not). More in docs/distributed.md.
 
 Read it top to bottom:
-  1. Runtime           rank, world, device, process groups; sum, gather, mine, barrier; compute_init
+  1. the runtime       Runtime (rank, world, device, process groups; sum, gather, mine, barrier, first), print0,
+                       pick_device, compute_init / compute_cleanup, seen_by_every_rank
   2. data parallel     data_parallel (DDP), no_sync, micro_index
   3. expert parallel   shard_experts, reduce_expert_grads, clip_grad_norm
   4. checkpoints       whole_model_state, whole_optimizer_state, sharded_optimizer_state, whole_model_copy
@@ -68,6 +69,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    backend: str = ""  # nccl or gloo under torchrun
     ep_group: object = None  # ep_size consecutive ranks that hold one copy of every expert between them
     edp_group: object = None  # the ranks that hold the same expert shard (every ep_size-th): they average its grads
 
@@ -127,8 +129,9 @@ def pick_device(name):
 
 
 def compute_init(device="auto", ep_size=1):
-    """The Runtime: under torchrun, start torch.distributed (NCCL on CUDA, gloo on the CPU, one GPU per rank)
-    and the expert-parallel groups; under plain python, one process on the chosen device."""
+    """The Runtime: under torchrun, start torch.distributed (NCCL on CUDA, gloo on the CPU) and the
+    expert-parallel groups; under plain python, one process on the chosen device. Under torchrun each rank takes
+    GPU number LOCAL_RANK of its node, so --device=cuda:N only says "CUDA": its index is not used."""
     device = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
@@ -145,8 +148,10 @@ def compute_init(device="auto", ep_size=1):
                          f"use at most that many --nproc_per_node, or --device=cpu")
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rt = Runtime(rank=rank, world=world, device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend)
+    rt = Runtime(rank=rank, world=world, device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+                 backend=backend)
     if ep_size > 1:  # every rank creates every group, in the same order (torch.distributed's rule)
         for first in range(0, world, ep_size):
             group = dist.new_group(list(range(first, first + ep_size)))
@@ -162,13 +167,6 @@ def compute_init(device="auto", ep_size=1):
 def compute_cleanup(rt):
     if rt.distributed:
         dist.destroy_process_group()
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (the routers stay fp32: moe.router_logits); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seen_by_every_rank(path, rt):

@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
-from model import (PRESETS, VLM, LLMConfig, VLMConfig, load_checkpoint, lm_loss, moe_layer_indices, param_counts,
-                   save_checkpoint, write_meta)
+from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss, moe_layer_indices,
+                   param_counts, save_checkpoint, write_meta)
 from moe import MoEConfig, MoELayer
 from vision import CLIPHead, ViTConfig
 
@@ -197,7 +197,7 @@ def set_trainable(stage, vlm, config):
 def stage0_loss(vlm, clip, batch, device):
     """Contrastive image-caption loss for the ViT + next-token loss for the LLM: the backbones, from scratch."""
     pairs, text = batch.pairs, batch.text
-    with P.autocast(device):
+    with autocast(device):
         contrastive = clip(vlm.vision, pairs.images, pairs.input_ids, pairs.attention_mask)
         lm = lm_loss(vlm.llm(text.input_ids, attention_mask=text.attention_mask).logits, text.labels)
     return {"loss": contrastive + lm, "clip": contrastive, "lm": lm}, None
@@ -205,7 +205,7 @@ def stage0_loss(vlm, clip, batch, device):
 
 def vlm_loss(vlm, batch, device):
     """Stages I-III: cross-entropy on the answers (+ 0.01 x the balancing losses of the MoE layers, model.VLM)."""
-    with P.autocast(device):
+    with autocast(device):
         out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
     return {"loss": out.loss, "ce": out.ce_loss, "aux": out.aux_loss}, out.routing
 
@@ -260,7 +260,7 @@ class Stage:
     iters: int
     peak_lr: float
     meta: dict  # what the checkpoint records; meta["step"] is where the loop starts
-    prev_meta: dict = None  # the input checkpoint's metadata (None at stage 0)
+    stage2_final_val_ce: float = None  # stage III: where stage II ended, which upcycling must not change
     resumed: bool = False
 
     @property
@@ -269,7 +269,9 @@ class Stage:
 
 
 def setup_stage(stage, config, nested, rt, log):
-    """The Stage, ready for the loop: seeded, so that the same command builds the same model."""
+    """The Stage, ready for the loop: its input checkpoint, tokenizer, data, model (with what trains) and
+    optimizer; resuming, also the optimizer state, RNG and step of its own checkpoint. Seeded first, so that the
+    same command builds the same model."""
     torch.manual_seed(config.seed + stage)
     own, prev = stage_inputs(stage, config, rt, log)
     tokenizer, data_config = stage_tokenizer(stage, config, nested, own, prev, rt)
@@ -287,7 +289,7 @@ def setup_stage(stage, config, nested, rt, log):
     P.shard_experts(vlm, rt)
     global_batch = config.batch_size * config.grad_accum * rt.world
     if rt.distributed:
-        log(f"stage {stage}: {rt.world} processes ({torch.distributed.get_backend()}), global batch {global_batch}"
+        log(f"stage {stage}: {rt.world} processes ({rt.backend}), global batch {global_batch}"
             f" = {config.batch_size} per micro-batch x {config.grad_accum} accumulation x {rt.world} ranks" +
             (f"; experts spread over groups of {config.ep_size}" if rt.ep_group is not None else ""))
     train, val = stage_batches(stage, config, tokenizer, vlm.config)
@@ -303,8 +305,10 @@ def setup_stage(stage, config, nested, rt, log):
     meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
             "model_config": asdict(vlm.config), "train_config": asdict(config), "data_config": asdict(data_config),
             "counts": counts, "val": {}, "elapsed_s": 0.0, "world_size": rt.world, "global_batch": global_batch}
-    st = Stage(stage, stage_dir(config, stage), vlm, clip, model, train_model, optimizer, params, train, val,
-               tokenizer, iters, getattr(config, f"stage{stage}_lr"), meta, prev and prev["meta"])
+    st = Stage(number=stage, out=stage_dir(config, stage), vlm=vlm, clip=clip, model=model, train_model=train_model,
+               optimizer=optimizer, params=params, train=train, val=val, tokenizer=tokenizer, iters=iters,
+               peak_lr=getattr(config, f"stage{stage}_lr"), meta=meta,
+               stage2_final_val_ce=prev["meta"]["val"].get("val_ce") if stage == 3 else None)
     if own is not None:
         resume(st, own, config, rt, log)
     return st
@@ -314,10 +318,9 @@ def stage_inputs(stage, config, rt, log):
     """(own, prev): the stage's own checkpoint when resuming (None if it has none yet), and the previous
     stage's, which stage N > 0 starts from."""
     out, previous = stage_dir(config, stage), stage_dir(config, stage - 1)
-    if rt.distributed:  # (a file system not shared between nodes would show here)
-        P.seen_by_every_rank(os.path.join(out, "ckpt.pt"), rt)
-        if stage > 0:
-            P.seen_by_every_rank(os.path.join(previous, "ckpt.pt"), rt)
+    P.seen_by_every_rank(os.path.join(out, "ckpt.pt"), rt)  # (a file system not shared between nodes shows here)
+    if stage > 0:
+        P.seen_by_every_rank(os.path.join(previous, "ckpt.pt"), rt)
     own = None
     if config.resume:
         if os.path.exists(os.path.join(out, "ckpt.pt")):
@@ -333,7 +336,7 @@ def stage_inputs(stage, config, rt, log):
 
 def stage_tokenizer(stage, config, nested, own, prev, rt):
     """The tokenizer and the built-in data set's config: as the run began at stage 0, unless --data.* says
-    otherwise. The built-in data set is drawn on first use (rank 0 draws, the others wait)."""
+    otherwise. The built-in data set is drawn first where the stage needs it (its data or its tokenizer)."""
     start_meta = (own or prev or {"meta": {}})["meta"]
     tokenizer_name = start_meta.get("tokenizer", config.tokenizer)
     token_dir = stage_dir(config, stage) if own else stage_dir(config, stage - 1) if prev else config.data_dir
@@ -342,16 +345,21 @@ def stage_tokenizer(stage, config, nested, own, prev, rt):
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if not config.data_path or (tokenizer_name == "builtin" and token_dir == config.data_dir):
-        if rt.rank == 0:
-            D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
-        rt.barrier()
-        if rt.distributed:
-            P.seen_by_every_rank(os.path.join(config.data_dir, D.BUILTIN_MARKER), rt)
-        D.ensure_builtin(config.data_dir, data_config, progress=False)
+        draw_builtin_data(config, data_config, rt)
     try:
         return D.load_tokenizer(tokenizer_name, token_dir), data_config
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def draw_builtin_data(config, data_config, rt):
+    """The built-in data set in --data_dir, drawn on first use: rank 0 draws, the others wait, then check that
+    they see it (several nodes must share the file system)."""
+    if rt.rank == 0:
+        D.ensure_builtin(config.data_dir, data_config, progress=config.progress)
+    rt.barrier()
+    P.seen_by_every_rank(os.path.join(config.data_dir, D.BUILTIN_MARKER), rt)
+    D.ensure_builtin(config.data_dir, data_config, progress=False)
 
 
 def stage_batches(stage, config, tokenizer, vlm_config):
@@ -371,9 +379,9 @@ def stage_batches(stage, config, tokenizer, vlm_config):
             raise SystemExit(f"error: {e}") from None
     if stage == 0:
         return (D.PairedBatches(batches(train[0], config.clip_batch_size), batches(train[1], config.batch_size)),
-                None if val is None else D.PairedBatches(batches(val[0], config.clip_batch_size, True),
-                                                         batches(val[1], config.batch_size, True)))
-    return batches(train, config.batch_size), None if val is None else batches(val, config.batch_size, True)
+                None if val is None else D.PairedBatches(batches(val[0], config.clip_batch_size, shorten=True),
+                                                         batches(val[1], config.batch_size, shorten=True)))
+    return batches(train, config.batch_size), None if val is None else batches(val, config.batch_size, shorten=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,10 +406,6 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
     clip, step; log, validate and checkpoint on their intervals. SIGTERM/SIGINT (interrupt): a checkpoint, then
     an exit."""
     start, iters, main = st.meta["step"], st.iters, rt.rank == 0
-    if main:
-        os.makedirs(st.out, exist_ok=True)
-        save_tokenizer(st.tokenizer, st.out)
-        keep_log_lines(os.path.join(st.out, "log.jsonl"), start)
     st.model.train()
     t_stage = time.time() - st.meta["elapsed_s"]
     if start == 0:
@@ -437,18 +441,18 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             st.optimizer.step()
             st.optimizer.zero_grad(set_to_none=True)
 
-            done = step + 1
+            completed = step + 1  # steps done: what the log, validation and checkpoints count
             tok_s = tokens / max(time.time() - t0, 1e-9)
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
-            if done % config.log_interval == 0 or done == iters:
-                write_log(st, rt, {"step": done, "lr": lr, "tok_per_s": round(tok_s), **losses})
-            if routing is not None and (done % config.routing_interval == 0 or done == 1 or done == iters):
-                write_log(st, rt, {"step": done, "routing": routing_record(st.vlm, routing, rt)})
-            if done % config.eval_interval == 0 or done == iters:
-                validate_and_log(st, done, config, rt, say)
+            if completed % config.log_interval == 0 or completed == iters:
+                write_log(st, rt, {"step": completed, "lr": lr, "tok_per_s": round(tok_s), **losses})
+            if routing is not None and (completed % config.routing_interval == 0 or completed in (1, iters)):
+                write_log(st, rt, {"step": completed, "routing": routing_record(st.vlm, routing, rt)})
+            if completed % config.eval_interval == 0 or completed == iters:
+                validate_and_log(st, completed, config, rt, say)
             st.meta["elapsed_s"] = time.time() - t_stage
-            if done % config.ckpt_interval == 0 or done == iters or done == stop:
-                save_stage(st, done, config, rt, done=done == iters)
+            if completed % config.ckpt_interval == 0 or completed == iters or completed == stop:
+                save_stage(st, completed, config, rt, done=completed == iters)
     bar.close()
 
 
@@ -526,6 +530,7 @@ def validate(st, config, rt=P.Runtime()):
     st.model.eval()
     n = min(config.eval_batches, st.val.per_epoch)
     totals, used = dict.fromkeys(st.loss_names, 0.0), 0.0
+    # (i % per_epoch: the stand-in search looks past the last batch and wraps round to the first)
     load = lambda i: st.val.in_order(i % st.val.per_epoch).to(rt.device)  # noqa: E731
     for i in range(rt.rank, -(-n // rt.world) * rt.world, rt.world):
         batch, weight = D.batch_or_stand_in(load, min(i, n - 1), st.val.per_epoch, stand_in=rt.distributed)
@@ -550,7 +555,7 @@ def validate_and_log(st, step, config, rt, say):
     st.meta["val"] = {"step": step, **metrics}
     write_log(st, rt, {"step": step, **metrics})
     line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    before = st.prev_meta["val"].get("val_ce") if st.number == 3 and step == 0 else None
+    before = st.stage2_final_val_ce if step == 0 else None
     if before is not None:
         st.meta["stage2_final_val_ce"] = before
         line += f"  (stage II ended at val_ce {before:.4f}; upcycling must not change it)"
@@ -588,7 +593,7 @@ def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tok
         ids, mask = D.prompt_batch([prompts[i][0] for i in chunk], tokenizer.eos_id)
         pixels = [prompts[i][1] for i in chunk if prompts[i][1] is not None]
         pixels = torch.stack(pixels).to(device) if pixels else None
-        with P.autocast(device):
+        with autocast(device):
             out = vlm.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=max_new_tokens,
                                eos_id=tokenizer.eos_id)
         for i, row in zip(chunk, out.tolist()):
@@ -637,6 +642,14 @@ def resume(st, own, config, rt, log):
     st.resumed = True
     if not st.meta["done"]:
         log(f"stage {st.number}: resuming at step {st.meta['step']} of {st.iters}")
+
+
+def prepare_output(st, rt):
+    """The stage's folder with its tokenizer; a resumed log keeps only the lines up to the checkpoint."""
+    if rt.rank == 0:
+        os.makedirs(st.out, exist_ok=True)
+        save_tokenizer(st.tokenizer, st.out)
+        keep_log_lines(os.path.join(st.out, "log.jsonl"), st.meta["step"])
 
 
 def save_tokenizer(tokenizer, directory):
@@ -730,13 +743,14 @@ def parse_args(argv):
     return stages, config, nested
 
 
-def run_stage(stage, config, nested, log=P.print0, rt=P.Runtime(), interrupt=None):
+def run_stage(stage, config, nested, rt=P.Runtime(), interrupt=None, log=P.print0):
     """Set a stage up, train it, and (stages II-III) look at its answers; returns its final metadata. Raises
     SystemExit for user errors, NonFiniteLoss on a NaN/inf loss."""
     st = setup_stage(stage, config, nested, rt, log)
     if st.meta["done"]:
         log(f"stage {stage}: already complete in {st.out} ({st.meta['step']} steps); nothing to resume")
         return st.meta
+    prepare_output(st, rt)
     train_stage(st, config, rt, interrupt, log)
     if st.meta["done"] and stage >= 2 and (config.val_data_path or not config.data_path):
         path = config.val_data_path or os.path.join(config.data_dir, "instruct_val.json")

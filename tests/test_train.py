@@ -73,7 +73,7 @@ def test_stage3_experts_start_as_copies_of_the_dense_ffn(pipeline, tmp_path):
 
 
 def initial_state(stage, out):
-    """The model a stage starts from, rebuilt the way run_stage builds it (same seed, same order)."""
+    """The model a stage starts from, rebuilt the way setup_stage builds it (same seed, same order)."""
     meta = json.loads((out / f"stage{stage}" / "meta.json").read_text())
     torch.manual_seed(meta["train_config"]["seed"] + stage)
     if stage == 0:
