@@ -546,7 +546,12 @@ def load_image(path, size):
     simply resized (stretched).
     """
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        return image_tensor(im, size)
+
+
+def image_tensor(im, size):
+    """A PIL image as the model reads it: RGB, resized to size x size, normalised (3, size, size) float32."""
+    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 

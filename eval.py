@@ -12,6 +12,8 @@ What it measures (definitions and sources in docs/reference.md):
   VQA      every question of the test conversations, asked with the image and the conversation so far (earlier
            turns with their reference answers), answered greedily; exact match after normalize_answer, by
            question type. A "description" is scored by the objects it names (described_objects).
+  blind    VQA and POPE asked again with images the model cannot use (--blind: one grey picture for every
+           question, or each question shown another question's image): how much the answers depend on looking.
   POPE     the object-hallucination probe (Li et al. 2023, arXiv 2305.10355) on the built-in scenes: "Is there a
            {colour} {shape} in the image?" for objects present and, as negatives, absent objects drawn three ways
            (random, popular, adversarial); accuracy, precision, recall, F1 and yes-ratio per split.
@@ -45,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import data as D
@@ -72,6 +75,7 @@ class EvalConfig:
     description_tokens: int = 64  # tokens generated for a description (a caption)
     pope_per_image: int = 3  # POPE: objects present asked per image, and as many absent ones per split
     seed: int = 0  # POPE's random negatives
+    blind: str = "blank"  # the blind control: VQA and POPE again with blank or shuffled images; none: skip it
     plots: bool = True  # write the routing plots
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True  # show progress bars
@@ -109,16 +113,35 @@ class Question:
     max_new_tokens: int
 
 
+BLIND_CONTROLS = ("blank", "shuffled", "none")
+
+
+def image_loader(images, paths, size):
+    """path -> the pixels a question is asked with: its own image (real); one grey picture, the same for every
+    question (blank); or another question's image (shuffled: each of the distinct `paths` replaced by the next
+    one in sorted order, so every question sees a different scene and the set of pictures stays the same)."""
+    if images == "blank":
+        grey = D.image_tensor(Image.new("RGB", (size, size), (128, 128, 128)), size)
+        return lambda path: grey
+    if images == "shuffled":
+        distinct = sorted(set(paths))
+        other = dict(zip(distinct, distinct[1:] + distinct[:1]))
+        return lambda path: D.load_image(other[path], size)
+    return lambda path: D.load_image(path, size)
+
+
 def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers",
-                     rt=P.Runtime()):
+                     rt=P.Runtime(), images="real"):
     """Greedy answers to Questions, in their order; None for a question whose image cannot be read.
 
     Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
     batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless. Under torchrun
-    each rank answers every world-th batch, and all answers are gathered on every rank.
+    each rank answers every world-th batch, and all answers are gathered on every rank. images: real, or a
+    blind control (image_loader).
     """
     answers = [None] * len(questions)
     size = vlm.config.vision.image_size
+    picture = image_loader(images, [q.image for q in questions if q.image is not None], size)
     chunks = []  # a chunk never mixes answer lengths: each question was checked to fit with its own
     for new in sorted({q.max_new_tokens for q in questions}):
         group = sorted((i for i, q in enumerate(questions) if q.max_new_tokens == new),
@@ -131,7 +154,7 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
             if q.image is not None:
                 try:
                     if q.image not in loaded:
-                        loaded[q.image] = D.load_image(q.image, size)
+                        loaded[q.image] = picture(q.image)
                 except (OSError, ValueError, SyntaxError) as e:
                     print(f"skipping a question: its image {q.image} cannot be read ({e})", file=sys.stderr)
                     continue
@@ -476,26 +499,29 @@ def write_jsonl(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def run_vqa(vlm, tokenizer, data, config, device, out, log, rt=P.Runtime()):
-    """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict)."""
+def run_vqa(vlm, tokenizer, data, config, device, out, log, rt=P.Runtime(), images="real"):
+    """VQA scores by type, the skipped counts, and answers.jsonl (every question, answer and verdict; real
+    images only)."""
     questions, skipped = vqa_questions(data.samples, data.folder, tokenizer, vlm, config, log)
     if not questions:
         raise SystemExit(f"error: {data.answer_file} has no question the model can be asked; see the skipped "
                          f"counts above")
-    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress, "VQA", rt)
-    if rt.rank == 0:
+    answers = generate_answers(vlm, tokenizer, questions, device, config.batch_size, config.progress,
+                               "VQA" if images == "real" else f"VQA, {images} images", rt, images)
+    if rt.rank == 0 and images == "real":
         write_jsonl(os.path.join(out, "answers.jsonl"), (
             {"image": q.image, "type": q.qtype, "question": q.text, "reference": q.answer, "answer": a,
              "correct": None if a is None else is_correct(a, q.answer, q.qtype)} for q, a in zip(questions, answers)))
     return vqa_scores(questions, answers), {**skipped, "unreadable image": sum(a is None for a in answers)}
 
 
-def run_pope(vlm, tokenizer, data, config, device, out, rt=P.Runtime()):
-    """POPE metrics per split and their mean, and pope_answers.jsonl."""
+def run_pope(vlm, tokenizer, data, config, device, out, rt=P.Runtime(), images="real"):
+    """POPE metrics per split and their mean, and pope_answers.jsonl (real images only)."""
     probe = pope_probe(data.scenes, data.train_scenes, config.pope_per_image, config.seed)
     unique = pope_questions(probe, data.folder, tokenizer, vlm, config)
     said = dict(zip(unique, generate_answers(vlm, tokenizer, list(unique.values()), device, config.batch_size,
-                                             config.progress, "POPE", rt)))
+                                             config.progress, "POPE" if images == "real" else f"POPE, {images} images",
+                                             rt, images)))
     metrics, records = {}, []
     for split, items in probe.items():
         asked = [(scene, kind, present, said[(scene["image"], kind)]) for scene, kind, present in items]
@@ -503,7 +529,7 @@ def run_pope(vlm, tokenizer, data, config, device, out, rt=P.Runtime()):
         metrics[split] = pope_metrics([pope_says_yes(a) for *_, a in asked], [present for _, _, present, _ in asked])
         records += [{"split": split, "image": scene["image"], "question": pope_question(kind), "present": present,
                      "answer": a, "said_yes": pope_says_yes(a)} for scene, kind, present, a in asked]
-    if rt.rank == 0:
+    if rt.rank == 0 and images == "real":
         write_jsonl(os.path.join(out, "pope_answers.jsonl"), records)
     # one figure per checkpoint: the mean over the three splits
     metrics["average"] = {k: float(np.mean([metrics[s][k] for s in POPE_SPLITS]))
@@ -534,9 +560,9 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
     metrics = {"checkpoint": meta["checkpoint"], "stage": meta.get("stage"), "step": meta.get("step"),
                "data": data.answer_file, "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
 
-    def timed(name, what, *args):
+    def timed(name, what, *args, **kwargs):
         t0 = time.time()
-        result = what(*args)
+        result = what(*args, **kwargs)
         metrics["seconds"][name] = round(time.time() - t0, 1)
         log(f"  {name}: {metrics['seconds'][name]:.1f} s")
         return result
@@ -544,6 +570,13 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
     metrics["vqa"], metrics["skipped"] = timed("VQA", run_vqa, vlm, tokenizer, data, config, device, out, log, rt)
     if data.scenes is not None:
         metrics["pope"] = timed("POPE", run_pope, vlm, tokenizer, data, config, device, out, rt)
+    if config.blind != "none":  # the same questions, with images that show nothing useful
+        blind = metrics["blind"] = {"images": config.blind}
+        blind["vqa"], _ = timed(f"VQA, {config.blind} images", run_vqa, vlm, tokenizer, data, config, device, out,
+                                lambda *a, **k: None, rt, images=config.blind)
+        if data.scenes is not None:
+            blind["pope"] = timed(f"POPE, {config.blind} images", run_pope, vlm, tokenizer, data, config, device,
+                                  out, rt, images=config.blind)
     answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
     answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
                               config.batch_size, device, config.progress, "answer loss", rt)
@@ -567,16 +600,24 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
 
 def metric_rows(m):
     """(label, value text) rows of one checkpoint's metrics, in the table's order."""
-    rows = [(f"VQA {t} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in m["vqa"].items()]
-    for split, p in (m.get("pope") or {}).items():
-        rows.append((f"POPE {split} (n={p['n']}): acc / prec / rec / F1 / yes", " / ".join(
-            f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
+    rows = score_rows(m["vqa"], m.get("pope"))
+    if m.get("blind"):
+        rows += score_rows(m["blind"]["vqa"], m["blind"].get("pope"), f", {m['blind']['images']} images")
     rows += [(name.replace("_", " "), "-" if v is None else f"{v:.4f}") for name, v in m["loss"].items()]
     if m.get("routing"):
         r = m["routing"]
         for i, layer in enumerate(r["layers"]):
             rows.append((f"layer {layer}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
                          f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
+    return rows
+
+
+def score_rows(vqa, pope, images=""):
+    """The VQA and POPE rows of the table; `images` names a blind control's images."""
+    rows = [(f"VQA {t}{images} (n={v['n']})", f"{100 * v['accuracy']:.1f}") for t, v in vqa.items()]
+    for split, p in (pope or {}).items():
+        rows.append((f"POPE {split}{images} (n={p['n']}): acc / prec / rec / F1 / yes", " / ".join(
+            f"{100 * p[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))))
     return rows
 
 
@@ -847,11 +888,12 @@ def parse_args(argv):
     D.add_options(p, EvalConfig)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     config = EvalConfig(**given)
-    chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit")
+    chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit", "blind")
                  if name in given]
     problems = [
         (not config.ckpt, "--ckpt is required: the checkpoint folder to evaluate, e.g. out/stage3"),
         (config.split not in ("test", "val"), f"--split={config.split}: choose test or val"),
+        (config.blind not in BLIND_CONTROLS, f"--blind={config.blind}: choose one of {', '.join(BLIND_CONTROLS)}"),
         (config.image and not config.prompt, "--image needs --prompt: the question to ask about it"),
         (config.prompt and chat_only, f"--prompt answers one question; --{', --'.join(chat_only)} belong to a "
                                       f"full evaluation"),

@@ -192,6 +192,21 @@ def test_batched_answers_equal_one_at_a_time(pipeline):
     assert batched == alone and all(isinstance(a, str) for a in batched)
 
 
+def test_the_blind_control_shows_pictures_that_carry_no_answer(pipeline):
+    """blank: one grey picture for every question; shuffled: every question another scene's image, the same set
+    of pictures overall (so what differs is only which image goes with which question)."""
+    _, data_dir = pipeline
+    paths = [os.path.join(data_dir, s["image"]) for s in D.read_json(os.path.join(data_dir, "scenes_test.json"))[:5]]
+    real = {p: D.load_image(p, 32) for p in paths}
+    blank = E.image_loader("blank", paths, 32)
+    assert all(torch.equal(blank(p), blank(paths[0])) and not torch.equal(blank(p), real[p]) for p in paths)
+    shuffled = E.image_loader("shuffled", paths + paths[:2], 32)  # a path asked about twice moves once
+    shown = [shuffled(p) for p in paths]
+    assert not any(torch.equal(x, real[p]) for x, p in zip(shown, paths))
+    assert sorted(x.sum().item() for x in shown) == sorted(x.sum().item() for x in real.values())
+    assert torch.equal(E.image_loader("real", paths, 32)(paths[0]), real[paths[0]])
+
+
 def test_a_long_prompt_and_a_long_answer_share_no_batch(pipeline):
     out, data_dir = pipeline
     vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
@@ -273,6 +288,9 @@ def test_eval_writes_metrics_answers_and_valid_png_plots(pipeline, tmp_path):
     assert set(metrics["pope"]) == {"random", "popular", "adversarial", "average"}
     assert set(metrics["loss"]) == {"answer_ce", "caption_ce"}
     assert metrics["routing"]["layers"] == [0, 2]
+    blind = metrics["blind"]  # the same questions with one grey picture: the default blind control
+    assert blind["images"] == "blank" and set(blind["pope"]) == set(metrics["pope"])
+    assert {t: v["n"] for t, v in blind["vqa"].items()} == {t: v["n"] for t, v in metrics["vqa"].items()}
     plots = ["expert_load.png", "modality_split.png", "load_heatmap.png", "balance.png", "pathways.png",
              "load_over_training.png"]
     for name in plots:
@@ -338,7 +356,8 @@ def test_a_missing_checkpoint_or_bad_option_is_one_clear_error(pipeline, tmp_pat
         E.main(["--ckpt", str(tmp_path / "nothing")])
     bad = {"--no_such_option=1": "unrecognized arguments", "--batch_size=0": "at least 1",
            "--pope_per_image=-1": "at least 1", "--image_folder=x": "goes with --data_path",
-           "--compare=x --prompt=hi": "--compare belong", "--split=train": "choose test or val"}
+           "--compare=x --prompt=hi": "--compare belong", "--split=train": "choose test or val",
+           "--blind=dark": "choose one of blank, shuffled, none"}
     for args, message in bad.items():
         with pytest.raises(SystemExit) as stop:
             E.main(["--ckpt", str(out / "stage3"), *args.split()])
@@ -362,7 +381,7 @@ def test_two_ranks_evaluate_what_one_process_evaluates(pipeline, tmp_path, torch
         for name in ("answers.jsonl", "pope_answers.jsonl"):
             assert (one / name).read_text() == (two / name).read_text(), name
         m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
-        for key in ("vqa", "pope", "skipped", "routing"):
+        for key in ("vqa", "pope", "blind", "skipped", "routing"):
             assert m1[key] == m2[key], key
         for key, value in m1["loss"].items():
             assert m2["loss"][key] == pytest.approx(value, rel=1e-5), key
