@@ -77,6 +77,8 @@ class EvalConfig:
     seed: int = 0  # POPE's random negatives
     blind: str = "blank"  # the blind control: VQA and POPE again with blank or shuffled images; none: skip it
     plots: bool = True  # write the routing plots
+    probe: bool = False  # instead: linear probes of the ViT's features and of raw pixels, per scene attribute
+    probe_scenes: int = 2000  # the probe's training scenes (from the train split; scored on --split)
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True  # show progress bars
 
@@ -372,7 +374,93 @@ def pope_questions(probe, image_folder, tokenizer, vlm, config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Losses and routing counts: one teacher-forced pass in eval mode
+# 5. The linear probe: what the ViT's features say about a scene, before any LLM reads them
+
+PROBE_GROUPS = ("cells", "colours", "shapes", "kinds")  # kinds: is there a (colour, shape), POPE's question
+
+
+def probe_targets(scenes):
+    """(N, K) 0/1 targets, one column per attribute value, and each column's group: is grid cell i occupied,
+    is there something <colour>, is there a <shape>, is there a <colour> <shape>."""
+    columns = [("cells", lambda s, i=i: any(o["cell"] == i for o in s["objects"])) for i in range(9)]
+    columns += [("colours", lambda s, c=c: any(o["colour"] == c for o in s["objects"])) for c in D.COLOURS]
+    columns += [("shapes", lambda s, h=h: any(o["shape"] == h for o in s["objects"])) for h in D.SHAPES]
+    columns += [("kinds", lambda s, k=k: k in kinds_in(s)) for k in ALL_KINDS]
+    y = torch.tensor([[float(test(s)) for _, test in columns] for s in scenes])
+    return y, [group for group, _ in columns]
+
+
+@torch.no_grad()
+def probe_features(vit, scenes, folder, batch_size=100):
+    """-> (ViT features, pixels): each scene's patch features as the projector receives them (the selected
+    layer, class token dropped), flattened to one vector, and its raw pixels flattened the same way."""
+    device = next(vit.parameters()).device
+    feats, pixels = [], []
+    for i in range(0, len(scenes), batch_size):
+        x = torch.stack([D.load_image(os.path.join(folder, s["image"]), vit.config.image_size)
+                         for s in scenes[i:i + batch_size]])
+        feats.append(vit(x.to(device)).float().flatten(1).cpu())
+        pixels.append(x.flatten(1))
+    return torch.cat(feats), torch.cat(pixels)
+
+
+def balanced_accuracy(said, truth):
+    """Per column, the mean of the accuracy on the scenes with the attribute and on those without: 0.5 for any
+    constant answer, however rare the attribute (a red cross is in few scenes; "no" is not knowledge)."""
+    right = (said == truth).float()
+    return (right * truth).sum(0) / truth.sum(0).clamp(min=1) / 2 + \
+        (right * (1 - truth)).sum(0) / (1 - truth).sum(0).clamp(min=1) / 2
+
+
+def fit_probe(x, y, x_test, y_test, steps=200, weight_decay=1e-2, seed=0):
+    """Logistic regression, one binary classifier per column of y, on standardised features (full-batch AdamW,
+    fixed steps and decay: the same instrument for every feature set). -> balanced accuracy per column on the
+    test set."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x.shape[1], y.shape[1], generator=g) * 1e-3).requires_grad_()
+    b = torch.zeros(y.shape[1], requires_grad=True)
+    opt = torch.optim.AdamW([w, b], lr=1e-2, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return balanced_accuracy((x_test @ w + b > 0).float(), y_test)
+
+
+def linear_probe(vit, folder, train_scenes, test_scenes):
+    """Per attribute group, the mean balanced test accuracy of linear probes on the ViT's features and on raw
+    pixels (50 % = no information): how much of each attribute the features make easy to read."""
+    y, groups = probe_targets(train_scenes)
+    y_test, _ = probe_targets(test_scenes)
+    feats, pixels = probe_features(vit, train_scenes, folder)
+    feats_test, pixels_test = probe_features(vit, test_scenes, folder)
+    per_column = {"vit": fit_probe(feats, y, feats_test, y_test), "pixels": fit_probe(pixels, y, pixels_test, y_test)}
+    return {name: {g: float(acc[[c == g for c in groups]].mean()) for g in PROBE_GROUPS}
+            for name, acc in per_column.items()}
+
+
+def run_probe(config, model, data, out, log):
+    """The linear probe of one checkpoint's ViT: a table, and probe.json in out."""
+    vlm = model[0]
+    train_scenes = data.train_scenes[:config.probe_scenes]
+    log(f"linear probes on {len(train_scenes)} training scenes, scored on {len(data.scenes)} {config.split} scenes")
+    result = linear_probe(vlm.vision, data.folder, train_scenes, data.scenes)
+    lines = ["features".ljust(10) + "".join(f"{g:>10}" for g in PROBE_GROUPS)]
+    lines += [name.ljust(10) + "".join(f"{100 * acc[g]:10.1f}" for g in PROBE_GROUPS) for name, acc in result.items()]
+    log("\n".join(lines))
+    os.makedirs(out, exist_ok=True)
+    D.write_json(os.path.join(out, "probe.json"), {"checkpoint": config.ckpt, "train_scenes": len(train_scenes),
+                                                   "test_scenes": len(data.scenes), "accuracy": result})
+    log(f"\nwrote into {out}: probe.json")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Losses and routing counts: one teacher-forced pass in eval mode
 
 
 @dataclass
@@ -460,7 +548,7 @@ def add_routing(counts, routing, image_mask, attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. One checkpoint's evaluation, and the report
+# 7. One checkpoint's evaluation, and the report
 
 
 @dataclass
@@ -636,7 +724,7 @@ def format_table(results):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. The routing summary: shares, modality split, balance, dropped, pathways
+# 8. The routing summary: shares, modality split, balance, dropped, pathways
 
 
 def shares(counts):
@@ -722,7 +810,7 @@ def write_training_csv(records, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Plots: matplotlib's object API (Figure, no pyplot), so nothing needs a display and no global state changes
+# 9. Plots: matplotlib's object API (Figure, no pyplot), so nothing needs a display and no global state changes
 
 def new_figure(ncols, nrows=1, width=4.2, height=3.4):
     from matplotlib.figure import Figure
@@ -877,7 +965,7 @@ def write_routing_outputs(summary, records, out, plots=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Command line
+# 10. Command line
 
 
 def parse_args(argv):
@@ -888,7 +976,7 @@ def parse_args(argv):
     D.add_options(p, EvalConfig)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     config = EvalConfig(**given)
-    chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit", "blind")
+    chat_only = [name for name in ("compare", "out", "data_path", "image_folder", "data_dir", "limit", "blind", "probe")
                  if name in given]
     problems = [
         (not config.ckpt, "--ckpt is required: the checkpoint folder to evaluate, e.g. out/stage3"),
@@ -900,6 +988,8 @@ def parse_args(argv):
         (config.image_folder and not config.data_path, "--image_folder goes with --data_path (the built-in data "
                                                        "set knows its images)"),
         (config.data_path and config.data_dir, "--data_dir is the built-in data set; --data_path replaces it"),
+        (config.probe and (config.data_path or config.compare), "--probe reads the built-in scenes of one checkpoint: "
+                                                               "leave out --data_path and --compare"),
         (config.limit < 0, "--limit must be 0 (everything) or a positive count"),
     ] + [(getattr(config, name) < 1, f"--{name} must be at least 1")
          for name in ("batch_size", "max_new_tokens", "description_tokens", "pope_per_image")]
@@ -932,6 +1022,8 @@ def evaluate_all(config, rt):
         return answer
     out = config.out or os.path.join(config.ckpt, "eval")
     data = rt.first(resolve_data, config, model[2], log)
+    if config.probe:
+        return run_probe(config, model, data, out, log) if rt.rank == 0 else None
     results = [evaluate(config, model, data, out, log, rt)]
     if config.compare:  # the second checkpoint answers the same questions
         trained_on = model[2].get("data_config")

@@ -11,9 +11,11 @@ train.py -- MoE-Tuning: the stages that turn a ViT and a small LLM into a sparse
 The stages (MoE-LLaVA, arXiv 2401.15947, section 3.3 and Fig. 3; the formulas and their hyperparameters are in
 docs/reference.md):
   stage 0   ours, because no pretrained weights can be downloaded here: pretrain the backbones from scratch --
-            the ViT CLIP-style (contrastive image-caption loss against a small text tower, vision.CLIPHead) and
-            the LLM by next-token prediction on the built-in text. With real pretrained backbones (a CLIP ViT,
-            Phi-2 or Qwen) this stage is skipped.
+            the ViT by captioning (a small decoder reads its patch features and writes the caption,
+            vision.CaptionHead; --stage0_objective=contrastive for CLIP's loss, or both) and the LLM by
+            next-token prediction on the built-in text. Captioning is the default because CLIP's loss can be won
+            from colour and layout alone, and the tiny model then never sees shapes (docs/ablations.md). With
+            real pretrained backbones (a CLIP ViT, Phi-2 or Qwen) this stage is skipped.
   stage I   the projector only (ViT and LLM frozen) on image-caption pairs, `plain` template, lr 1e-3:
             the LLM learns to read image features.
   stage II  the LLM and the projector (ViT frozen) on instruction conversations, chat template.
@@ -48,7 +50,7 @@ import parallel as P
 from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss, moe_layer_indices,
                    param_counts, save_checkpoint, write_meta)
 from moe import MoEConfig, MoELayer
-from vision import CLIPHead, ViTConfig
+from vision import PretrainHead, ViTConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: every default lives here; the command line overrides any field
@@ -69,11 +71,12 @@ class TrainConfig:
     batch_size: int = 16  # samples per micro-step on each rank
     grad_accum: int = 1  # micro-steps per optimizer step (set from global_batch when that is given)
     global_batch: int = 0  # samples per optimizer step over all ranks; 0: batch_size x grad_accum x world size
-    clip_batch_size: int = 32  # stage 0: image-caption pairs per contrastive batch (negatives come from the batch)
-    stage0_iters: int = 600  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
+    clip_batch_size: int = 32  # stage 0: image-caption pairs per batch (the contrastive negatives come from it)
+    stage0_objective: str = "caption"  # stage 0's ViT loss: caption, contrastive (CLIP), or both (summed)
+    stage0_iters: int = 1200  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
     stage1_iters: int = 300
     stage2_iters: int = 1500
-    stage3_iters: int = 600
+    stage3_iters: int = 400
     stage0_lr: float = 1e-3
     stage1_lr: float = 1e-3  # MoE-LLaVA stage I
     stage2_lr: float = 1e-3  # MoE-LLaVA uses 2e-5 on pretrained billion-parameter LLMs; ours is small and young
@@ -91,6 +94,8 @@ class TrainConfig:
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
     ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
+    stage2_train_vit: bool = False  # departs from MoE-LLaVA (ViT frozen after pretraining): stage II trains it too
+    vit_lr_scale: float = 0.1  # the ViT's learning rate, as a fraction of the stage's, when a stage trains it
     max_bad_fraction: float = 0.05  # more bad samples than this stops at load time
     resume: bool = False  # continue the stage from its own checkpoint
     progress: bool = True  # show a progress bar
@@ -159,7 +164,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
                 raise SystemExit("error: --llm.*, --vision.* and --projector shape the model at stage 0 only; "
                                  f"stage {stage} takes the architecture from its input checkpoint")
         vlm = VLM(vlm_config)
-        clip = CLIPHead(tokenizer.vocab_size, vlm_config.llm.max_seq_len, vlm_config.vision) if stage == 0 else None
+        head = PretrainHead(config.stage0_objective, tokenizer.vocab_size, vlm_config.llm.max_seq_len,
+                            vlm_config.vision) if stage == 0 else None
         if own is None and prev is not None:
             vlm.load_state_dict(prev["model"])
             if stage == 3:
@@ -168,9 +174,9 @@ def build_model(stage, config, nested, own, prev, tokenizer):
         raise SystemExit(f"error: {e}") from None
     if own is not None:
         vlm.load_state_dict(own["model"])
-        if clip is not None:
-            clip.load_state_dict(own["clip"])
-    return vlm, clip
+        if head is not None:
+            head.load_state_dict(own["head"])
+    return vlm, head
 
 
 def set_trainable(stage, vlm, config):
@@ -178,29 +184,37 @@ def set_trainable(stage, vlm, config):
     Stage III trains what upcycling made: the experts and the routers. Returns the trained names."""
     for p in vlm.parameters():
         p.requires_grad_(False)
-    if stage == 0:
-        trained = [vlm.vision, vlm.llm]  # the projector waits for stage I
+    if stage == 0:  # the projector waits for stage I; captioning alone reads no ViT part past the selected layer
+        trained = [vlm.llm] + ([vlm.vision] if config.stage0_objective != "caption" else vision_in_use(vlm.vision))
     elif stage == 1:
         trained = [vlm.projector]
     elif stage == 2:
-        trained = [vlm.llm, vlm.projector]
+        trained = [vlm.llm, vlm.projector] + (vision_in_use(vlm.vision) if config.stage2_train_vit else [])
     else:
         trained = [m for m in vlm.llm.modules() if isinstance(m, MoELayer)]  # experts and routers
         if config.train_projector_stage3:
             trained.append(vlm.projector)
-    for module in trained:
-        for p in module.parameters():
+    for part in trained:
+        for p in part.parameters() if isinstance(part, nn.Module) else [part]:
             p.requires_grad_(True)
     return [n for n, p in vlm.named_parameters() if p.requires_grad]
 
 
-def stage0_loss(vlm, clip, batch, device):
-    """Contrastive image-caption loss for the ViT + next-token loss for the LLM: the backbones, from scratch."""
+def vision_in_use(vit):
+    """The parts of the ViT the vision-language model runs: all but the blocks after the selected layer and the
+    final norm (they serve only stage 0's contrastive head)."""
+    upto = vit.config.select_layer % (vit.config.layers + 1)
+    return [vit.patch_embed, vit.norm_pre, *vit.blocks[:upto], vit.cls_token, vit.pos_embed]
+
+
+def stage0_loss(vlm, head, batch, device):
+    """The ViT's image-caption loss (contrastive, captioning or both: vision.PretrainHead) + next-token loss for
+    the LLM: the backbones, from scratch."""
     pairs, text = batch.pairs, batch.text
     with autocast(device):
-        contrastive = clip(vlm.vision, pairs.images, pairs.input_ids, pairs.attention_mask)
+        vision = head(vlm.vision, pairs.images, pairs.input_ids, pairs.attention_mask)
         lm = lm_loss(vlm.llm(text.input_ids, attention_mask=text.attention_mask).logits, text.labels)
-    return {"loss": contrastive + lm, "clip": contrastive, "lm": lm}, None
+    return {"loss": sum(vision.values()) + lm, **vision, "lm": lm}, None
 
 
 def vlm_loss(vlm, batch, device):
@@ -212,16 +226,16 @@ def vlm_loss(vlm, batch, device):
 
 class StageModel(nn.Module):
     """What a training step runs, as one module so that DistributedDataParallel can wrap it: the VLM (and, in
-    stage 0, CLIP's head). forward(batch) -> (losses, routing)."""
+    stage 0, the ViT's pretraining head). forward(batch) -> (losses, routing)."""
 
-    def __init__(self, vlm, clip=None):
+    def __init__(self, vlm, head=None):
         super().__init__()
-        self.vlm, self.clip = vlm, clip
+        self.vlm, self.head = vlm, head
 
     def forward(self, batch):
         device = next(self.vlm.parameters()).device
-        if self.clip is not None:
-            losses, routing = stage0_loss(self.vlm, self.clip, batch, device)
+        if self.head is not None:
+            losses, routing = stage0_loss(self.vlm, self.head, batch, device)
         else:
             losses, routing = vlm_loss(self.vlm, batch, device)
         if torch.is_grad_enabled():  # the projector joins every graph: see forget_projector_join
@@ -249,7 +263,7 @@ class Stage:
     number: int
     out: str  # {out_dir}/stage{number}: its checkpoint, meta.json and log.jsonl
     vlm: VLM
-    clip: nn.Module  # stage 0's text tower and contrastive head (vision.CLIPHead), else None
+    head: nn.Module  # stage 0's pretraining head for the ViT (vision.PretrainHead), else None
     model: StageModel  # what a step runs
     train_model: nn.Module  # the same, wrapped for DDP / torch.compile where asked
     optimizer: torch.optim.Optimizer
@@ -265,7 +279,7 @@ class Stage:
 
     @property
     def loss_names(self):
-        return ("loss", "clip", "lm") if self.number == 0 else ("loss", "ce", "aux")
+        return ("loss", *self.head.names, "lm") if self.number == 0 else ("loss", "ce", "aux")
 
 
 def setup_stage(stage, config, nested, rt, log):
@@ -275,17 +289,17 @@ def setup_stage(stage, config, nested, rt, log):
     torch.manual_seed(config.seed + stage)
     own, prev = stage_inputs(stage, config, rt, log)
     tokenizer, data_config = stage_tokenizer(stage, config, nested, own, prev, rt)
-    vlm, clip = build_model(stage, config, nested, own, prev, tokenizer)
+    vlm, head = build_model(stage, config, nested, own, prev, tokenizer)
     vlm.to(rt.device)
-    if clip is not None:
-        clip.to(rt.device)
+    if head is not None:
+        head.to(rt.device)
     trained = set_trainable(stage, vlm, config)
     counts = param_counts(vlm)
-    if clip is not None:
-        counts = {k: v + sum(p.numel() for p in clip.parameters()) for k, v in counts.items()}
+    if head is not None:
+        counts = {k: v + sum(p.numel() for p in head.parameters()) for k, v in counts.items()}
     log(f"stage {stage}: {counts['trainable'] / 1e6:.2f}M trainable / {counts['total'] / 1e6:.2f}M total / "
         f"{counts['active'] / 1e6:.2f}M active per token ({len(trained)} tensors trained)" +
-        (" -- including CLIP's text tower" if clip is not None else ""))
+        (f" -- including the ViT's pretraining head ({', '.join(head.names)})" if head is not None else ""))
     P.shard_experts(vlm, rt)
     global_batch = config.batch_size * config.grad_accum * rt.world
     if rt.distributed:
@@ -294,18 +308,22 @@ def setup_stage(stage, config, nested, rt, log):
             (f"; experts spread over groups of {config.ep_size}" if rt.ep_group is not None else ""))
     train, val = stage_batches(stage, config, tokenizer, vlm.config)
 
-    params = [p for p in vlm.parameters() if p.requires_grad] + ([] if clip is None else list(clip.parameters()))
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+    params = [p for p in vlm.parameters() if p.requires_grad] + ([] if head is None else list(head.parameters()))
+    vit_scaled = set(map(id, vlm.vision.parameters())) if stage > 0 else set()  # stage 0 trains it at full lr
+    groups = [{"params": [p for p in params if id(p) not in vit_scaled], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in vit_scaled], "lr_scale": config.vit_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.999))
     iters = getattr(config, f"stage{stage}_iters")
     iters = min(iters, config.max_iters) if config.max_iters > 0 else iters
-    model = StageModel(vlm, clip)
+    model = StageModel(vlm, head)
     train_model = P.data_parallel(model, rt)  # DDP averages the gradients over the ranks
     if config.compile and stage > 0:
         train_model = torch.compile(train_model)
     meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
             "model_config": asdict(vlm.config), "train_config": asdict(config), "data_config": asdict(data_config),
             "counts": counts, "val": {}, "elapsed_s": 0.0, "world_size": rt.world, "global_batch": global_batch}
-    st = Stage(number=stage, out=stage_dir(config, stage), vlm=vlm, clip=clip, model=model, train_model=train_model,
+    st = Stage(number=stage, out=stage_dir(config, stage), vlm=vlm, head=head, model=model, train_model=train_model,
                optimizer=optimizer, params=params, train=train, val=val, tokenizer=tokenizer, iters=iters,
                peak_lr=getattr(config, f"stage{stage}_lr"), meta=meta,
                stage2_final_val_ce=prev["meta"]["val"].get("val_ce") if stage == 3 else None)
@@ -426,7 +444,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             t0 = time.time()
             lr = lr_at(step, iters, st.peak_lr, config.warmup_frac)
             for group in st.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             losses, tokens, routing, pictured = accumulate_gradients(st, step, config, rt, bar.write)
             if losses is None:  # no readable micro-batch on any rank: no step
                 st.optimizer.zero_grad(set_to_none=True)
@@ -618,7 +636,7 @@ def save_stage(st, step, config, rt, done=False):
     model_state = P.whole_model_state(st.vlm, keep=rt.rank == 0)
     optimizer_state = P.whole_optimizer_state(st.optimizer, st.vlm, rt)
     if rt.rank == 0:
-        extra = {"clip": st.clip.state_dict()} if st.clip is not None else None
+        extra = {"head": st.head.state_dict()} if st.head is not None else None
         save_checkpoint(st.out, model_state, optimizer_state, st.meta, extra)
     rt.barrier()  # the checkpoint is whole before any rank reads it (the next stage, a restart)
 

@@ -10,9 +10,14 @@ by CLIP's contrastive objective, the one before it keeps more local detail (LLaV
 The projector maps those features into the LLM's embedding space: `linear` (LLaVA) or `mlp2x_gelu`
 (Linear -> GELU -> Linear; LLaVA-1.5 and MoE-LLaVA).
 
-Classes bottom-up: ViTConfig, Attention, MLP, Block, ViT; then build_projector; then what pretrains the ViT from
-scratch (train.py stage 0, because no CLIP weights can be downloaded here): a small text tower and CLIP's
-contrastive loss.
+Classes bottom-up: ViTConfig, Attention, MLP, conv_stem, Block, ViT; then build_projector; then what pretrains
+the ViT from scratch (train.py stage 0, because no CLIP weights can be downloaded here): a small text tower and
+CLIP's contrastive loss; a small captioner (CaptionHead); and PretrainHead, which picks one or both.
+
+Two departures from CLIP, both for the ViT we pretrain ourselves and both chosen by measurement
+(docs/ablations.md): the tiny preset embeds patches with a small convolutional stem instead of one strided
+convolution, and stage 0 can teach the ViT by captioning instead of (or beside) the contrastive loss. A CLIP
+ViT loaded from elsewhere uses the plain patch embedding (`stem="patch"`, the ViTConfig default).
 """
 import math
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: float = 4.0  # MLP hidden size = mlp_ratio * width
     select_layer: int = -2  # which hidden state the VLM takes (LLaVA: -2, the second-to-last layer's output)
+    stem: str = "patch"  # patch: one strided convolution (ViT, CLIP); conv: stride-2 3x3 convolutions (ours)
     norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -39,6 +45,9 @@ class ViTConfig:
                              f"patch_size={self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"ViTConfig: width={self.width} is not a multiple of heads={self.heads}")
+        if self.stem not in ("patch", "conv") or (self.stem == "conv" and self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"ViTConfig: stem={self.stem!r} must be 'patch', or 'conv' with a power-of-two "
+                             f"patch_size (got {self.patch_size})")
         if not -(self.layers + 1) <= self.select_layer <= self.layers:  # hidden states 0..layers
             raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the "
                              f"{self.layers + 1} hidden states")
@@ -50,8 +59,8 @@ class ViTConfig:
 
 # Size presets. `tiny` trains on a 2-core CPU in minutes; `small` (ViT-S-like width and heads) is meant for one GPU.
 VIT_PRESETS = {
-    "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
-    "small": ViTConfig(image_size=128, patch_size=16, width=384, layers=8, heads=6),
+    "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, stem="conv"),
+    "small": ViTConfig(image_size=128, patch_size=16, width=384, layers=8, heads=6, stem="conv"),
 }
 
 
@@ -86,6 +95,21 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def conv_stem(config: ViTConfig):
+    """A convolutional stem in place of the patch embedding (Xiao et al., "Early convolutions help transformers
+    see better", arXiv 2106.14881): log2(patch_size) 3x3 convolutions of stride 2, widening to `width`, with GELU
+    between them; the output grid is the patch grid, so the ViT after it is unchanged. Each token then sees its
+    patch and a margin around it through overlapping, non-linear filters: edges and corners -- what tells a
+    square from a circle -- are found before the first attention layer."""
+    n = config.patch_size.bit_length() - 1
+    widths = [3] + [max(config.width >> (n - i), 16) for i in range(1, n)] + [config.width]
+    layers = []
+    for i in range(n):
+        layers += [nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1, bias=i < n - 1)]
+        layers += [nn.GELU()] if i < n - 1 else []
+    return nn.Sequential(*layers)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -117,7 +141,7 @@ class ViT(nn.Module):
         self.config = config
         # A patch embedding is a strided convolution: one linear map applied to each non-overlapping patch.
         self.patch_embed = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size,
-                                     bias=False)
+                                     bias=False) if config.stem == "patch" else conv_stem(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
         self.norm_pre = nn.LayerNorm(config.width, eps=config.norm_eps)  # CLIP's ln_pre
@@ -126,6 +150,9 @@ class ViT(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
+        for conv in self.patch_embed.modules() if config.stem == "conv" else ():
+            if isinstance(conv, nn.Conv2d):  # He init: the signal keeps its size through the GELUs
+                nn.init.normal_(conv.weight, std=(2 / conv.weight[0].numel()) ** 0.5)
 
     @staticmethod
     def _init_weights(module):
@@ -223,3 +250,93 @@ class CLIPHead(nn.Module):
         """The contrastive loss of a batch of images (B, 3, H, W) and their captions ids/mask (B, T)."""
         return contrastive_loss(self.image_proj(vit.embed(pixels)), self.text_proj(self.text(ids, mask)),
                                 self.logit_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captioning pretraining (train.py stage 0, --stage0_objective): the ViT learns by describing its images.
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from text positions (queries) to image patches (keys and values)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.q = nn.Linear(config.width, config.width)
+        self.kv = nn.Linear(config.width, 2 * config.width)
+        self.proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x, memory):
+        (B, T, C), S = x.shape, memory.shape[1]
+        q = self.q(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = self.kv(memory).view(B, S, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class DecoderBlock(nn.Module):
+    """A text decoder block: causal self-attention, cross-attention to the image patches, MLP (pre-norm)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.cross = CrossAttention(config)
+        self.norm3 = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.mlp = MLP(config.width, int(config.mlp_ratio * config.width), config.width)
+
+    def forward(self, x, memory, causal):
+        x = x + self.attn(self.norm1(x), causal)
+        x = x + self.cross(self.norm2(x), memory)
+        return x + self.mlp(self.norm3(x))
+
+
+class CaptionHead(nn.Module):
+    """A small captioner on top of the ViT: a text decoder reads the patch features the vision-language model
+    will read (hidden state `select_layer`, class token dropped) and predicts the caption token by token, after
+    a learned start vector. In the built-in world a caption names every object's size, colour, shape and place,
+    so the patch features must hold all four -- a contrastive loss can be won on colour and layout alone (image
+    captioning as pretraining: CapPa, arXiv 2306.07915; with locations in the text, LocCa, arXiv 2403.19596)."""
+
+    def __init__(self, vocab_size, max_len, config: ViTConfig, layers=2):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab_size, config.width)
+        self.start = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, config.width))
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(layers))
+        self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)
+        self.head = nn.Linear(config.width, vocab_size, bias=False)
+        self.apply(ViT._init_weights)
+        for p in (self.tok_embed.weight, self.start, self.pos_embed):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, vit, pixels, ids, mask):
+        """Next-token cross-entropy of the captions ids/mask (B, T) given the images (B, 3, H, W)."""
+        memory = vit(pixels)  # (B, P, width): what the projector will receive
+        B, T = ids.shape
+        x = torch.cat([self.start.expand(B, -1, -1), self.tok_embed(ids[:, :-1])], 1) + self.pos_embed[:, :T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        for block in self.blocks:
+            x = block(x, memory, causal)
+        logits = self.head(self.norm(x)).float()  # (B, T, vocab): position t predicts ids[:, t]
+        return F.cross_entropy(logits[mask], ids[mask])
+
+
+OBJECTIVES = ("contrastive", "caption", "both")
+
+
+class PretrainHead(nn.Module):
+    """What stage 0 trains the ViT with: CLIP's contrastive loss, captioning, or both summed (as CoCa does,
+    arXiv 2205.01917). forward -> {loss name: loss}; `names` lists them."""
+
+    def __init__(self, objective, vocab_size, max_len, config: ViTConfig):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"stage0_objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        self.clip = CLIPHead(vocab_size, max_len, config) if objective != "caption" else None
+        self.caption = CaptionHead(vocab_size, max_len, config) if objective != "contrastive" else None
+        self.names = tuple(n for n in ("clip", "caption") if getattr(self, n) is not None)
+
+    def forward(self, vit, pixels, ids, mask):
+        return {n: getattr(self, n)(vit, pixels, ids, mask) for n in self.names}

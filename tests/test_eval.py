@@ -207,6 +207,38 @@ def test_the_blind_control_shows_pictures_that_carry_no_answer(pipeline):
     assert torch.equal(E.image_loader("real", paths, 32)(paths[0]), real[paths[0]])
 
 
+def test_the_probe_targets_say_what_is_in_each_scene():
+    scene = {"objects": [{"shape": "circle", "colour": "red", "cell": 0},
+                         {"shape": "cross", "colour": "blue", "cell": 8}]}
+    y, groups = E.probe_targets([scene])
+    truth = dict(zip([(g, i) for i, g in enumerate(groups)], y[0].tolist()))
+    yes = {col for col, v in truth.items() if v == 1.0}
+    cells = sorted(i for (g, i) in yes if g == "cells")
+    assert cells == [0, 8]
+    assert sum(g == "colours" for g, _ in yes) == 2 and sum(g == "shapes" for g, _ in yes) == 2
+    kinds = [E.ALL_KINDS[i - groups.index("kinds")] for g, i in yes if g == "kinds"]
+    assert sorted(kinds) == [("blue", "cross"), ("red", "circle")]
+
+
+def test_the_linear_probe_reads_what_the_features_hold_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(600, 6, generator=g) < 0.2).float()  # rare attributes: "always no" is 80 % accurate
+    holds = y @ torch.randn(6, 40, generator=g) + 0.3 * torch.randn(600, 40, generator=g)
+    noise = torch.randn(600, 40, generator=g)
+    assert E.fit_probe(holds[:400], y[:400], holds[400:], y[400:]).min() > 0.9
+    assert (E.fit_probe(noise[:400], y[:400], noise[400:], y[400:]) - 0.5).abs().max() < 0.1
+    assert torch.equal(E.balanced_accuracy(torch.zeros_like(y), y), torch.full((6,), 0.5))  # "no" knows nothing
+
+
+def test_the_probe_option_scores_a_checkpoints_vit_against_raw_pixels(pipeline, tmp_path):
+    out, data_dir = pipeline
+    result = E.main(["--ckpt", str(out / "stage0"), "--data_dir", data_dir, "--out", str(tmp_path), "--probe=true",
+                     "--probe_scenes=40", "--progress=false"])
+    assert set(result) == {"vit", "pixels"} and all(set(v) == set(E.PROBE_GROUPS) for v in result.values())
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert written["train_scenes"] == 40 and written["test_scenes"] == 8 and written["accuracy"] == result
+
+
 def test_a_long_prompt_and_a_long_answer_share_no_batch(pipeline):
     out, data_dir = pipeline
     vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))

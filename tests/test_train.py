@@ -87,9 +87,12 @@ def initial_state(stage, out):
 
 
 @pytest.mark.parametrize("stage, extra, trained", [
-    (0, [], r"(vision|llm)\."),  # the projector waits for stage I
+    # captioning (the default) reads the selected layer (-2): the last block and the final norm are not trained
+    (0, [], r"llm\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),  # the projector waits for stage I
+    (0, ["--stage0_objective=contrastive"], r"(vision|llm)\."),
     (1, [], r"projector\."),
     (2, [], r"(llm|projector)\."),
+    (2, ["--stage2_train_vit=true"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
     (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
     (3, ["--train_projector_stage3=false"], r"llm\.blocks\.\d+\.ffn\.(experts|router)"),
 ])
@@ -107,7 +110,8 @@ def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, ext
 
 
 # stage III with router noise: then the restored RNG state matters too
-@pytest.mark.parametrize("stage, extra", [(0, []), (2, ["--grad_accum=2"]), (3, ["--moe.router_noise=0.5"])])
+@pytest.mark.parametrize("stage, extra", [(0, ["--stage0_objective=both"]), (2, ["--grad_accum=2"]),
+                                          (3, ["--moe.router_noise=0.5"])])
 def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra):
     out, data_dir, _ = pipeline
     for name in ("straight", "resumed"):
@@ -119,7 +123,7 @@ def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra)
     assert json.loads(load_state(tmp_path / "resumed", stage)["meta"])["step"] == 2
     run(tmp_path / "resumed", *args, "--resume", data_dir=data_dir)
     a, b = load_state(tmp_path / "straight", stage), load_state(tmp_path / "resumed", stage)
-    for key in ("model", "clip") if stage == 0 else ("model",):
+    for key in ("model", "head") if stage == 0 else ("model",):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
@@ -215,7 +219,7 @@ def test_stage3_log_counts_every_real_token_k_times(pipeline):
 def test_set_trainable_marks_each_stage_s_parameters():
     vlm = VLM(PRESETS["tiny"])
     for stage, trained in ((0, ("vision.", "llm.")), (1, ("projector.",)), (2, ("llm.", "projector."))):
-        train.set_trainable(stage, vlm, train.TrainConfig())
+        train.set_trainable(stage, vlm, train.TrainConfig(stage0_objective="both"))
         for name, p in vlm.named_parameters():
             assert p.requires_grad == name.startswith(trained), (stage, name)
     vlm.upcycle_to_moe("sparse", MoEConfig())
@@ -226,10 +230,22 @@ def test_set_trainable_marks_each_stage_s_parameters():
             assert p.requires_grad == (moe or (projector and name.startswith("projector."))), name
 
 
+def test_a_stage_that_trains_the_vit_gives_it_a_scaled_learning_rate(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    run(tmp_path, "--stage", "2", "--max_iters=2", "--stage2_train_vit=true", "--vit_lr_scale=0.25", data_dir=data_dir)
+    groups = load_state(tmp_path, 2)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.25] and groups[1]["lr"] == 0.25 * groups[0]["lr"] > 0
+    vit = VLM(VLMConfig.from_dict(json.loads(load_state(tmp_path, 2)["meta"])["model_config"])).vision
+    assert len(groups[1]["params"]) == sum(1 for p in train.vision_in_use(vit) for _ in (
+        p.parameters() if isinstance(p, torch.nn.Module) else [p]))
+
+
 def test_a_validation_set_smaller_than_a_batch_is_one_short_batch(pipeline, tmp_path):
-    _, data_dir, _ = pipeline  # 16 validation captions, contrastive batches of 24
-    [meta] = run(tmp_path, "--stage", "0", "--max_iters=1", "--clip_batch_size=24", data_dir=data_dir)
-    assert meta["done"] and meta["val"]["val_clip"] > 0
+    _, data_dir, _ = pipeline  # 16 validation captions, batches of 24 (the contrastive loss needs 2 pairs or more)
+    [meta] = run(tmp_path, "--stage", "0", "--max_iters=1", "--clip_batch_size=24", "--stage0_objective=both",
+                 data_dir=data_dir)
+    assert meta["done"] and meta["val"]["val_clip"] > 0 and meta["val"]["val_caption"] > 0
 
 
 def test_user_data_with_bad_samples_trains_and_reports_them(pipeline, tmp_path, capsys):

@@ -1,8 +1,9 @@
-"""The specification of vision.py: the ViT's patch features, layer selection, and the projectors."""
+"""The specification of vision.py: the ViT's patch features, layer selection, the projectors, and the heads
+that pretrain the ViT (contrastive, captioning)."""
 import pytest
 import torch
 
-from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
+from vision import VIT_PRESETS, CaptionHead, PretrainHead, ViT, ViTConfig, build_projector
 
 CFG = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=4)
 
@@ -55,6 +56,19 @@ def test_attention_mixes_all_patches():
     assert (diff > 0).all()  # every patch's feature sees it
 
 
+def test_the_conv_stem_gives_the_same_token_grid_and_each_token_sees_past_its_patch():
+    model = vit(stem="conv")
+    pixels = torch.randn(1, 3, 32, 32)
+    assert model(pixels).shape == vit()(pixels).shape  # the same 16 tokens of width 32
+    changed = pixels.clone()
+    changed[0, :, 8, 12] += 1.0  # in patch (1, 1) = raster index 5
+    a, b = model.patch_embed(pixels).flatten(2)[0].T, model.patch_embed(changed).flatten(2)[0].T
+    differs = ((a - b).abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert differs == [5, 6]  # its own token and its right-hand neighbour, whose filters overlap it; no other
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTConfig(image_size=36, patch_size=12, stem="conv")
+
+
 def test_vit_rejects_images_of_the_wrong_size():
     with pytest.raises(ValueError, match="expects images of shape"):
         vit()(torch.randn(1, 3, 64, 64))
@@ -91,3 +105,39 @@ def test_presets_build_and_run(name):
     cfg = VIT_PRESETS[name]
     model = ViT(cfg)
     assert model(torch.randn(1, 3, cfg.image_size, cfg.image_size)).shape == (1, cfg.num_patches, cfg.width)
+
+
+def captioner(seed=0):
+    torch.manual_seed(seed)
+    return CaptionHead(vocab_size=50, max_len=12, config=CFG)
+
+
+def test_the_captioner_predicts_each_token_from_the_image_and_the_tokens_before_it():
+    model, head = vit(), captioner()
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    only_first = torch.zeros_like(mask)
+    only_first[:, :4] = True  # the loss of the first 4 tokens ...
+    changed = ids.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 50  # ... does not depend on the tokens after them
+    torch.testing.assert_close(head(model, pixels, ids, only_first), head(model, pixels, changed, only_first))
+    assert head(model, pixels, ids, only_first) != head(model, pixels + 1.0, ids, only_first)  # it reads the image
+
+
+def test_the_captioner_trains_the_features_the_projector_receives():
+    model, head = vit(), captioner()
+    head(model, torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 6)), torch.ones(2, 6, dtype=torch.bool)).backward()
+    # blocks up to the selected layer (-2: blocks 0 and 1 of 3) learn; the last block is not read
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks[1].parameters())
+    assert all(p.grad is None for p in model.blocks[2].parameters())
+
+
+@pytest.mark.parametrize("objective, names", [("contrastive", ("clip",)), ("caption", ("caption",)),
+                                              ("both", ("clip", "caption"))])
+def test_the_pretraining_head_returns_one_loss_per_objective(objective, names):
+    torch.manual_seed(0)
+    head = PretrainHead(objective, vocab_size=50, max_len=12, config=CFG)
+    losses = head(vit(), torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 6)), torch.ones(3, 6, dtype=torch.bool))
+    assert head.names == names and tuple(losses) == names and all(v.ndim == 0 for v in losses.values())
+    with pytest.raises(ValueError, match="choose one of contrastive, caption, both"):
+        PretrainHead("masked", 50, 12, CFG)
