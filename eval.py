@@ -53,6 +53,7 @@ from tqdm import tqdm
 import data as D
 import parallel as P
 from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, autocast, load_checkpoint, moe_layer_indices
+from vision import PretrainHead
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: every default lives here; the command line overrides any field
@@ -443,6 +444,40 @@ def linear_probe(vit, folder, train_scenes, test_scenes):
             for name, acc in per_column.items()}
 
 
+CAPTION_WORDS = {"size": tuple(D.SIZES), "colour": tuple(D.COLOURS), "shape": D.SHAPES,
+                 "position": ("top", "bottom", "left", "right", "center")}
+
+
+@torch.no_grad()
+def caption_word_accuracy(vit, captioner, tokenizer, captions, folder, batch_size=50):
+    """How often stage 0's captioner (vision.CaptionHead), teacher-forced on the reference captions, predicts
+    each kind of word that only the image can tell -- size, colour, shape (also per shape) and position."""
+    word_of = {}
+    for kind, words in CAPTION_WORDS.items():
+        for w in words:
+            ids = tokenizer.encode(" " + w)
+            if len(ids) == 1:  # (a word split into several tokens is left out)
+                word_of[ids[0]] = (kind, w)
+    right, total = collections.Counter(), collections.Counter()
+    device = next(vit.parameters()).device
+    for i in range(0, len(captions), batch_size):
+        chunk = captions[i:i + batch_size]
+        texts = [tokenizer.encode(c["conversations"][1]["value"] + "\n") for c in chunk]
+        ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)
+        for row, t in enumerate(texts):
+            ids[row, :len(t)] = torch.tensor(t)
+        pixels = torch.stack([D.load_image(os.path.join(folder, c["image"]), vit.config.image_size) for c in chunk])
+        said = captioner.logits(vit, pixels.to(device), ids.to(device)).argmax(-1).cpu()
+        for row, t in enumerate(texts):
+            for pos, token in enumerate(t):
+                if token in word_of:
+                    kind, w = word_of[token]
+                    for key in (kind, f"shape: {w}") if kind == "shape" else (kind,):
+                        total[key] += 1
+                        right[key] += int(said[row, pos] == token)
+    return {k: right[k] / total[k] for k in total}
+
+
 def run_probe(config, model, data, out, log):
     """The linear probe of one checkpoint's ViT: a table, and probe.json in out."""
     vlm = model[0]
@@ -452,9 +487,20 @@ def run_probe(config, model, data, out, log):
     lines = ["features".ljust(10) + "".join(f"{g:>10}" for g in PROBE_GROUPS)]
     lines += [name.ljust(10) + "".join(f"{100 * acc[g]:10.1f}" for g in PROBE_GROUPS) for name, acc in result.items()]
     log("\n".join(lines))
+    written = {"checkpoint": config.ckpt, "train_scenes": len(train_scenes), "test_scenes": len(data.scenes),
+               "accuracy": result}
+    state, meta = load_checkpoint(config.ckpt), model[2]
+    if meta["train_config"].get("stage0_objective") in ("caption", "both") and "head" in state:  # stage 0's
+        head = PretrainHead(meta["train_config"]["stage0_objective"], model[1].vocab_size,
+                            vlm.config.llm.max_seq_len, vlm.vision.config)
+        head.load_state_dict(state["head"])
+        words = caption_word_accuracy(vlm.vision, head.caption.to(next(vlm.parameters()).device).eval(),
+                                      model[1], data.captions, data.folder)
+        log("the captioner's words right (teacher-forced, %): " +
+            ", ".join(f"{k} {100 * v:.1f}" for k, v in words.items()))
+        written["captioner_words"] = words
     os.makedirs(out, exist_ok=True)
-    D.write_json(os.path.join(out, "probe.json"), {"checkpoint": config.ckpt, "train_scenes": len(train_scenes),
-                                                   "test_scenes": len(data.scenes), "accuracy": result})
+    D.write_json(os.path.join(out, "probe.json"), written)
     log(f"\nwrote into {out}: probe.json")
     return result
 

@@ -73,10 +73,10 @@ class TrainConfig:
     global_batch: int = 0  # samples per optimizer step over all ranks; 0: batch_size x grad_accum x world size
     clip_batch_size: int = 32  # stage 0: image-caption pairs per batch (the contrastive negatives come from it)
     stage0_objective: str = "caption"  # stage 0's ViT loss: caption, contrastive (CLIP), or both (summed)
-    stage0_iters: int = 1200  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
+    stage0_iters: int = 600  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
     stage1_iters: int = 300
     stage2_iters: int = 1500
-    stage3_iters: int = 400
+    stage3_iters: int = 600
     stage0_lr: float = 1e-3
     stage1_lr: float = 1e-3  # MoE-LLaVA stage I
     stage2_lr: float = 1e-3  # MoE-LLaVA uses 2e-5 on pretrained billion-parameter LLMs; ours is small and young

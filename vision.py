@@ -311,15 +311,19 @@ class CaptionHead(nn.Module):
         for p in (self.tok_embed.weight, self.start, self.pos_embed):
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, vit, pixels, ids, mask):
-        """Next-token cross-entropy of the captions ids/mask (B, T) given the images (B, 3, H, W)."""
+    def logits(self, vit, pixels, ids):
+        """(B, T, vocab): position t predicts ids[:, t] from the image and ids[:, :t] (teacher forcing)."""
         memory = vit(pixels)  # (B, P, width): what the projector will receive
         B, T = ids.shape
         x = torch.cat([self.start.expand(B, -1, -1), self.tok_embed(ids[:, :-1])], 1) + self.pos_embed[:, :T]
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
         for block in self.blocks:
             x = block(x, memory, causal)
-        logits = self.head(self.norm(x)).float()  # (B, T, vocab): position t predicts ids[:, t]
+        return self.head(self.norm(x)).float()
+
+    def forward(self, vit, pixels, ids, mask):
+        """Next-token cross-entropy of the captions ids/mask (B, T) given the images (B, 3, H, W)."""
+        logits = self.logits(vit, pixels, ids)
         return F.cross_entropy(logits[mask], ids[mask])
 
 

@@ -237,6 +237,27 @@ def test_the_probe_option_scores_a_checkpoints_vit_against_raw_pixels(pipeline, 
     assert set(result) == {"vit", "pixels"} and all(set(v) == set(E.PROBE_GROUPS) for v in result.values())
     written = json.loads((tmp_path / "probe.json").read_text())
     assert written["train_scenes"] == 40 and written["test_scenes"] == 8 and written["accuracy"] == result
+    words = written["captioner_words"]  # stage 0 trained a captioner (the default objective): its words, scored
+    assert {"size", "colour", "shape", "position"} <= set(words) and all(0 <= v <= 1 for v in words.values())
+    assert any(k.startswith("shape: ") for k in words)
+
+
+def test_the_captioner_word_score_counts_only_the_words_the_image_tells(pipeline):
+    out, data_dir = pipeline
+    vlm, tokenizer, _ = E.load_model(str(out / "stage0"), "cpu")
+    captions = D.read_json(os.path.join(data_dir, "captions_test.json"))
+
+    class Echo:  # "predicts" the reference token itself, or (off=1) always another one
+        def __init__(self, off):
+            self.off = off
+
+        def logits(self, vit, pixels, ids):
+            return torch.nn.functional.one_hot((ids + self.off) % tokenizer.vocab_size, tokenizer.vocab_size).float()
+
+    right = E.caption_word_accuracy(vlm.vision, Echo(0), tokenizer, captions, data_dir, batch_size=3)
+    wrong = E.caption_word_accuracy(vlm.vision, Echo(1), tokenizer, captions, data_dir, batch_size=3)
+    assert set(right) == set(wrong) and {"size", "colour", "shape", "position"} <= set(right)
+    assert all(v == 1.0 for v in right.values()) and all(v == 0.0 for v in wrong.values())
 
 
 def test_a_long_prompt_and_a_long_answer_share_no_batch(pipeline):
