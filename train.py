@@ -175,6 +175,13 @@ def build_model(stage, config, nested, own, prev, tokenizer):
     if own is not None:
         vlm.load_state_dict(own["model"])
         if head is not None:
+            was = own["meta"]["train_config"].get("stage0_objective", "contrastive")
+            if "head" not in own:  # (written before stage 0 had a choice of objective)
+                raise SystemExit(f"error: {stage_dir(config, 0)}/ckpt.pt comes from an older train.py; start "
+                                 f"stage 0 again without --resume")
+            if was != config.stage0_objective:
+                raise SystemExit(f"error: {stage_dir(config, 0)} was trained with stage0_objective={was}; resume "
+                                 f"with the same value")
             head.load_state_dict(own["head"])
     return vlm, head
 

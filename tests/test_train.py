@@ -134,6 +134,13 @@ def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra)
     assert strip(log(tmp_path / "straight")) == strip(log(tmp_path / "resumed"))  # the same losses, step by step
 
 
+def test_resuming_stage0_with_another_objective_is_one_clear_error(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage0", tmp_path / "stage0")
+    with pytest.raises(SystemExit, match="stage0_objective=caption; resume with the same value"):
+        run(tmp_path, "--stage", "0", "--resume", "--stage0_objective=both", data_dir=data_dir)
+
+
 def test_resume_with_different_batches_is_an_error(pipeline, tmp_path):
     out, data_dir, _ = pipeline
     shutil.copytree(out / "stage1", tmp_path / "stage1")
