@@ -5,6 +5,7 @@ eval.py -- what the model answers, how often it is right, and where its tokens g
     python eval.py --ckpt out/stage3 --compare out/stage2     # two checkpoints side by side (MoE III vs dense II)
     python eval.py --ckpt out/stage3 --data_path my.json --image_folder my_images/   # your LLaVA-format data
     python eval.py --ckpt out/stage3 --image some.png --prompt "What colour is the circle?"   # one answer
+    python eval.py --ckpt out/stage0 --probe=true            # what the ViT alone encodes (linear probes)
     python eval.py --help                                     # every option, with its default
     torchrun --standalone --nproc_per_node=8 eval.py --ckpt out/stage3   # questions and batches shared by 8 ranks
 
@@ -17,6 +18,10 @@ What it measures (definitions and sources in docs/reference.md):
   POPE     the object-hallucination probe (Li et al. 2023, arXiv 2305.10355) on the built-in scenes: "Is there a
            {colour} {shape} in the image?" for objects present and, as negatives, absent objects drawn three ways
            (random, popular, adversarial); accuracy, precision, recall, F1 and yes-ratio per split.
+  probe    (--probe, instead of the rest) logistic regression on the ViT's patch features and on raw pixels:
+           per scene attribute (occupied cells, colours, shapes, colour-shape kinds), how well a linear reader
+           recovers it; and, for a stage-0 checkpoint with a captioner, how many of its size, colour, shape and
+           position words are right. It tells a ViT that never learned shapes from an LLM that cannot read them.
   losses   answer and caption cross-entropy on the test split (teacher forcing).
   routing  from the answer-loss pass, in eval mode (the evaluation capacity): per MoE layer and expert, top-1 and
            top-k assignments of text and image tokens; load balance; dropped assignments; top-1 pathways. Plots
@@ -32,8 +37,8 @@ Under torchrun every rank loads the whole model and takes every world-th generat
 (parallel.Runtime: mine, gather).
 
 Read it top to bottom, the measurement path first: loading -> asking (batched generation) -> VQA -> POPE ->
-losses and routing counts -> one checkpoint's evaluation and the report; then the routing summary and its plots,
-and the command line.
+the linear probe -> losses and routing counts -> one checkpoint's evaluation and the report; then the routing
+summary and its plots, and the command line.
 """
 import collections
 import dataclasses
@@ -490,7 +495,7 @@ def run_probe(config, model, data, out, log):
     written = {"checkpoint": config.ckpt, "train_scenes": len(train_scenes), "test_scenes": len(data.scenes),
                "accuracy": result}
     state, meta = load_checkpoint(config.ckpt), model[2]
-    if meta["train_config"].get("stage0_objective") in ("caption", "both") and "head" in state:  # stage 0's
+    if meta["train_config"].get("stage0_objective") in ("caption", "both") and "head" in state:  # a captioner
         head = PretrainHead(meta["train_config"]["stage0_objective"], model[1].vocab_size,
                             vlm.config.llm.max_seq_len, vlm.vision.config)
         head.load_state_dict(state["head"])

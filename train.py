@@ -94,6 +94,7 @@ class TrainConfig:
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
     ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
+    stage1_train_llm: bool = False  # departs from MoE-LLaVA (LLM frozen in stage I): stage I trains it too
     stage2_train_vit: bool = False  # departs from MoE-LLaVA (ViT frozen after pretraining): stage II trains it too
     vit_lr_scale: float = 0.1  # the ViT's learning rate, as a fraction of the stage's, when a stage trains it
     max_bad_fraction: float = 0.05  # more bad samples than this stops at load time
@@ -194,7 +195,7 @@ def set_trainable(stage, vlm, config):
     if stage == 0:  # the projector waits for stage I; captioning alone reads no ViT part past the selected layer
         trained = [vlm.llm] + ([vlm.vision] if config.stage0_objective != "caption" else vision_in_use(vlm.vision))
     elif stage == 1:
-        trained = [vlm.projector]
+        trained = [vlm.projector] + ([vlm.llm] if config.stage1_train_llm else [])
     elif stage == 2:
         trained = [vlm.llm, vlm.projector] + (vision_in_use(vlm.vision) if config.stage2_train_vit else [])
     else:

@@ -91,6 +91,7 @@ def initial_state(stage, out):
     (0, [], r"llm\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),  # the projector waits for stage I
     (0, ["--stage0_objective=contrastive"], r"(vision|llm)\."),
     (1, [], r"projector\."),
+    (1, ["--stage1_train_llm=true"], r"(projector|llm)\."),
     (2, [], r"(llm|projector)\."),
     (2, ["--stage2_train_vit=true"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
     (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
