@@ -452,7 +452,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             t0 = time.time()
             lr = lr_at(step, iters, st.peak_lr, config.warmup_frac)
             for group in st.optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # (a checkpoint from before the ViT group has none)
             losses, tokens, routing, pictured = accumulate_gradients(st, step, config, rt, bar.write)
             if losses is None:  # no readable micro-batch on any rank: no step
                 st.optimizer.zero_grad(set_to_none=True)
