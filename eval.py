@@ -494,8 +494,10 @@ def run_probe(config, model, data, out, log):
     log("\n".join(lines))
     written = {"checkpoint": config.ckpt, "train_scenes": len(train_scenes), "test_scenes": len(data.scenes),
                "accuracy": result}
-    state, meta = load_checkpoint(config.ckpt), model[2]
-    if meta["train_config"].get("stage0_objective") in ("caption", "both") and "head" in state:  # a captioner
+    meta = model[2]
+    has_captioner = meta.get("stage") == 0 and meta["train_config"].get("stage0_objective") in ("caption", "both")
+    state = load_checkpoint(config.ckpt) if has_captioner else {}  # (load_model kept only the VLM's weights)
+    if "head" in state:
         head = PretrainHead(meta["train_config"]["stage0_objective"], model[1].vocab_size,
                             vlm.config.llm.max_seq_len, vlm.vision.config)
         head.load_state_dict(state["head"])

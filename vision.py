@@ -15,7 +15,7 @@ the ViT from scratch (train.py stage 0, because no CLIP weights can be downloade
 CLIP's contrastive loss; a small captioner (CaptionHead); and PretrainHead, which picks one or both.
 
 Two departures from CLIP, both for the ViT we pretrain ourselves and both chosen by measurement
-(docs/ablations.md): the tiny preset embeds patches with a small convolutional stem instead of one strided
+(docs/ablations.md): both presets embed patches with a small convolutional stem instead of one strided
 convolution, and stage 0 can teach the ViT by captioning instead of (or beside) the contrastive loss. A CLIP
 ViT loaded from elsewhere uses the plain patch embedding (`stem="patch"`, the ViTConfig default).
 """
