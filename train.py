@@ -16,8 +16,10 @@ docs/reference.md):
             next-token prediction on the built-in text. Captioning is the default because CLIP's loss can be won
             from colour and layout alone, and the tiny model then never sees shapes (docs/ablations.md). With
             real pretrained backbones (a CLIP ViT, Phi-2 or Qwen) this stage is skipped.
-  stage I   the projector only (ViT and LLM frozen) on image-caption pairs, `plain` template, lr 1e-3:
-            the LLM learns to read image features.
+  stage I   image-caption pairs, `plain` template, lr 1e-3: the LLM learns to read image features. MoE-LLaVA
+            trains the projector alone here; ours trains the LLM too (--stage1_train_llm=false for theirs),
+            because our LLM, young and never shown an image, could not learn to read colour or shape through
+            the projector alone (docs/ablations.md). The ViT stays frozen.
   stage II  the LLM and the projector (ViT frozen) on instruction conversations, chat template.
   stage III each FFN of the chosen layers (default `sparse`: every other one) becomes an MoE layer whose 4 experts
             start as copies of it (sparse upcycling); the experts and routers train (and the projector, as in the
@@ -74,8 +76,8 @@ class TrainConfig:
     clip_batch_size: int = 32  # stage 0: image-caption pairs per batch (the contrastive negatives come from it)
     stage0_objective: str = "caption"  # stage 0's ViT loss: caption, contrastive (CLIP), or both (summed)
     stage0_iters: int = 600  # optimizer steps per stage (MoE-LLaVA trains each stage for 1 epoch)
-    stage1_iters: int = 300
-    stage2_iters: int = 1500
+    stage1_iters: int = 1000  # with the LLM training in stage I, 300 steps left it unable to read colour or shape
+    stage2_iters: int = 1200
     stage3_iters: int = 600
     stage0_lr: float = 1e-3
     stage1_lr: float = 1e-3  # MoE-LLaVA stage I
@@ -94,7 +96,7 @@ class TrainConfig:
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
     ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
-    stage1_train_llm: bool = False  # departs from MoE-LLaVA (LLM frozen in stage I): stage I trains it too
+    stage1_train_llm: bool = True  # departs from MoE-LLaVA (LLM frozen in stage I): our young LLM must learn to read
     stage2_train_vit: bool = False  # departs from MoE-LLaVA (ViT frozen after pretraining): stage II trains it too
     vit_lr_scale: float = 0.1  # the ViT's learning rate, as a fraction of the stage's, when a stage trains it
     max_bad_fraction: float = 0.05  # more bad samples than this stops at load time

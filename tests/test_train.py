@@ -90,8 +90,8 @@ def initial_state(stage, out):
     # captioning (the default) reads the selected layer (-2): the last block and the final norm are not trained
     (0, [], r"llm\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),  # the projector waits for stage I
     (0, ["--stage0_objective=contrastive"], r"(vision|llm)\."),
-    (1, [], r"projector\."),
-    (1, ["--stage1_train_llm=true"], r"(projector|llm)\."),
+    (1, [], r"(projector|llm)\."),  # the LLM trains in stage I by default (a departure from MoE-LLaVA)
+    (1, ["--stage1_train_llm=false"], r"projector\."),
     (2, [], r"(llm|projector)\."),
     (2, ["--stage2_train_vit=true"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
     (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
