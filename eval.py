@@ -22,7 +22,8 @@ What it measures (definitions and sources in docs/reference.md):
            per scene attribute (occupied cells, colours, shapes, colour-shape kinds), how well a linear reader
            recovers it; and, for a stage-0 checkpoint with a captioner, how many of its size, colour, shape and
            position words are right. It tells a ViT that never learned shapes from an LLM that cannot read them.
-  losses   answer and caption cross-entropy on the test split (teacher forcing).
+  losses   answer and caption cross-entropy on the test split (teacher forcing); on the captions, also how
+           many size, colour, shape and position words the model predicts right: can it read them off the image?
   routing  from the answer-loss pass, in eval mode (the evaluation capacity): per MoE layer and expert, top-1 and
            top-k assignments of text and image tokens; load balance; dropped assignments; top-1 pathways. Plots
            as PNG with the numbers beside them (JSON, CSV), and the load over training time from the log.
@@ -453,34 +454,47 @@ CAPTION_WORDS = {"size": tuple(D.SIZES), "colour": tuple(D.COLOURS), "shape": D.
                  "position": ("top", "bottom", "left", "right", "center")}
 
 
+class WordTally:
+    """How often a model, teacher-forced on the reference captions, predicts each kind of word that only the image
+    can tell -- size, colour, shape (also per shape) and position. One tally per model; `add` per batch."""
+
+    def __init__(self, tokenizer):
+        self.word_of = {}
+        for kind, words in CAPTION_WORDS.items():
+            for w in words:
+                ids = tokenizer.encode(" " + w)
+                if len(ids) == 1:  # (a word split into several tokens is left out)
+                    self.word_of[ids[0]] = (kind, w)
+        self.right, self.total = collections.Counter(), collections.Counter()
+
+    def add(self, said, target):
+        """said, target: (B, T) token ids, aligned (said[b, t] is the prediction of target[b, t])."""
+        for token, (kind, w) in self.word_of.items():
+            at = target == token
+            hits = int((said[at] == token).sum())
+            for key in (kind, f"shape: {w}") if kind == "shape" else (kind,):
+                self.total[key] += int(at.sum())
+                self.right[key] += hits
+
+    def accuracy(self):
+        return {k: self.right[k] / self.total[k] for k in sorted(self.total) if self.total[k]}
+
+
 @torch.no_grad()
 def caption_word_accuracy(vit, captioner, tokenizer, captions, folder, batch_size=50):
-    """How often stage 0's captioner (vision.CaptionHead), teacher-forced on the reference captions, predicts
-    each kind of word that only the image can tell -- size, colour, shape (also per shape) and position."""
-    word_of = {}
-    for kind, words in CAPTION_WORDS.items():
-        for w in words:
-            ids = tokenizer.encode(" " + w)
-            if len(ids) == 1:  # (a word split into several tokens is left out)
-                word_of[ids[0]] = (kind, w)
-    right, total = collections.Counter(), collections.Counter()
+    """WordTally of stage 0's captioner (vision.CaptionHead) on the captions."""
+    tally = WordTally(tokenizer)
     device = next(vit.parameters()).device
     for i in range(0, len(captions), batch_size):
         chunk = captions[i:i + batch_size]
         texts = [tokenizer.encode(c["conversations"][1]["value"] + "\n") for c in chunk]
-        ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)
+        ids = torch.full((len(texts), max(map(len, texts))), -1, dtype=torch.long)
         for row, t in enumerate(texts):
             ids[row, :len(t)] = torch.tensor(t)
         pixels = torch.stack([D.load_image(os.path.join(folder, c["image"]), vit.config.image_size) for c in chunk])
-        said = captioner.logits(vit, pixels.to(device), ids.to(device)).argmax(-1).cpu()
-        for row, t in enumerate(texts):
-            for pos, token in enumerate(t):
-                if token in word_of:
-                    kind, w = word_of[token]
-                    for key in (kind, f"shape: {w}") if kind == "shape" else (kind,):
-                        total[key] += 1
-                        right[key] += int(said[row, pos] == token)
-    return {k: right[k] / total[k] for k in total}
+        said = captioner.logits(vit, pixels.to(device), ids.clamp(min=0).to(device)).argmax(-1).cpu()
+        tally.add(said, ids)
+    return tally.accuracy()
 
 
 def run_probe(config, model, data, out, log):
@@ -540,9 +554,11 @@ class RoutingCounts:
 
 
 @torch.no_grad()
-def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", rt=P.Runtime()):
+def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", rt=P.Runtime(),
+                     words=None):
     """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts
     (None for a dense model). Under torchrun each rank runs every world-th batch; the sums are gathered.
+    A WordTally as `words` also counts the image words the model predicts right (gathered like the sums).
 
     Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop. The
     capacity is a share of one forward's tokens: what is dropped depends on batch_size."""
@@ -565,14 +581,19 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         n = int((batch.labels[:, 1:] != D.IGNORE_INDEX).sum())  # lm_loss's count of supervised targets
         ce_sum += float(out.ce_loss) * n
         ce_tokens += n
+        if words is not None:
+            words.add(out.logits[:, :-1].argmax(-1).cpu(), batch.labels[:, 1:].cpu())
         if counts is not None:
             add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
     if rt.distributed:  # the sums over every rank's batches, on every rank
-        gathered = rt.gather((ce_sum, ce_tokens, counts))
+        gathered = rt.gather((ce_sum, ce_tokens, counts, words and (words.right, words.total)))
         ce_sum, ce_tokens = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+        if words is not None:
+            words.right = sum((g[3][0] for g in gathered), collections.Counter())
+            words.total = sum((g[3][1] for g in gathered), collections.Counter())
         if counts is not None:
             counts = gathered[0][2]
-            for _, _, theirs in gathered[1:]:
+            for _, _, theirs, _ in gathered[1:]:
                 add_counts(counts, theirs)
     return (ce_sum / ce_tokens if ce_tokens else None), counts
 
@@ -724,8 +745,11 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
     metrics["loss"] = {"answer_ce": answer_ce}
     if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
         captions = examples_of(data.captions, data.caption_file, "plain", data.folder, tokenizer, vlm, log)
+        words = WordTally(tokenizer)
         metrics["loss"]["caption_ce"], _ = timed("caption loss", loss_and_routing, vlm, captions, tokenizer,
-                                                 config.batch_size, device, config.progress, "caption loss", rt)
+                                                 config.batch_size, device, config.progress, "caption loss", rt,
+                                                 words)
+        metrics["caption_words"] = words.accuracy()  # teacher-forced: can it read each kind of word off the image?
     metrics["routing"] = None
     if counts is not None:
         summary = routing_summary(counts)
@@ -745,6 +769,10 @@ def metric_rows(m):
     if m.get("blind"):
         rows += score_rows(m["blind"]["vqa"], m["blind"].get("pope"), f", {m['blind']['images']} images")
     rows += [(name.replace("_", " "), "-" if v is None else f"{v:.4f}") for name, v in m["loss"].items()]
+    if m.get("caption_words"):
+        w = m["caption_words"]
+        rows.append(("caption words right: size / colour / shape / position",
+                     " / ".join(f"{100 * w[k]:.1f}" if k in w else "-" for k in CAPTION_WORDS)))
     if m.get("routing"):
         r = m["routing"]
         for i, layer in enumerate(r["layers"]):

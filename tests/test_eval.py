@@ -260,6 +260,37 @@ def test_the_captioner_word_score_counts_only_the_words_the_image_tells(pipeline
     assert all(v == 1.0 for v in right.values()) and all(v == 0.0 for v in wrong.values())
 
 
+def test_the_vlms_word_score_compares_each_prediction_with_the_next_token(pipeline):
+    out, data_dir = pipeline
+    vlm, tok, _ = E.load_model(str(out / "stage2"), torch.device("cpu"))
+    captions = D.load_examples(os.path.join(data_dir, "captions_test.json"), data_dir, tok, "plain",
+                               vlm.num_image_tokens, vlm.config.llm.max_seq_len)
+
+    class Echo(torch.nn.Module):  # the VLM, but its logits "predict" the next label (off=1: always another token)
+        def __init__(self, off):
+            super().__init__()
+            self.vlm, self.off, self.llm, self.config = vlm, off, vlm.llm, vlm.config
+
+        def forward(self, ids, images, labels, mask):
+            out = self.vlm(ids, images, labels, mask)
+            nxt = (labels.roll(-1, dims=1).clamp(min=0) + self.off) % tok.vocab_size
+            out.logits = torch.nn.functional.one_hot(nxt, tok.vocab_size).float()
+            return out
+
+    scores = []
+    for off in (0, 1):
+        words = E.WordTally(tok)
+        E.loss_and_routing(Echo(off), captions, tok, batch_size=3, device=torch.device("cpu"), progress=False,
+                           words=words)
+        scores.append(words.accuracy())
+    single = [w for kind, w in words.word_of.values() if kind == "colour"]  # (a word of two tokens is left out)
+    n_colour = sum(c["conversations"][1]["value"].count(f" {w} ") for c in D.read_json(
+        os.path.join(data_dir, "captions_test.json")) for w in single)
+    assert words.total["colour"] == n_colour > 0  # every colour word of the captions, counted once
+    assert {"size", "colour", "shape", "position"} <= set(scores[0])
+    assert all(v == 1.0 for v in scores[0].values()) and all(v == 0.0 for v in scores[1].values())
+
+
 def test_a_long_prompt_and_a_long_answer_share_no_batch(pipeline):
     out, data_dir = pipeline
     vlm, tok, _ = E.load_model(str(out / "stage3"), torch.device("cpu"))
@@ -340,6 +371,7 @@ def test_eval_writes_metrics_answers_and_valid_png_plots(pipeline, tmp_path):
     assert metrics["vqa"] == json.loads(json.dumps(result["vqa"]))
     assert set(metrics["pope"]) == {"random", "popular", "adversarial", "average"}
     assert set(metrics["loss"]) == {"answer_ce", "caption_ce"}
+    assert {"size", "colour", "shape", "position"} <= set(metrics["caption_words"])
     assert metrics["routing"]["layers"] == [0, 2]
     blind = metrics["blind"]  # the same questions with one grey picture: the default blind control
     assert blind["images"] == "blank" and set(blind["pope"]) == set(metrics["pope"])
@@ -438,6 +470,7 @@ def test_two_ranks_evaluate_what_one_process_evaluates(pipeline, tmp_path, torch
             assert m1[key] == m2[key], key
         for key, value in m1["loss"].items():
             assert m2["loss"][key] == pytest.approx(value, rel=1e-5), key
+        assert m1["caption_words"] == pytest.approx(m2["caption_words"], abs=0.01)  # (an argmax may flip on a tie)
     routing = [json.loads((tmp_path / d / "routing.json").read_text()) for d in ("one", "two")]
     assert routing[0] == routing[1] and routing[0]["tokens"]
 
