@@ -226,8 +226,9 @@ def test_stage3_log_counts_every_real_token_k_times(pipeline):
 
 def test_set_trainable_marks_each_stage_s_parameters():
     vlm = VLM(PRESETS["tiny"])
-    for stage, trained in ((0, ("vision.", "llm.")), (1, ("projector.",)), (2, ("llm.", "projector."))):
-        train.set_trainable(stage, vlm, train.TrainConfig(stage0_objective="both"))
+    for stage, trained, llm_in_1 in ((0, ("vision.", "llm."), True), (1, ("projector.", "llm."), True),
+                                     (1, ("projector.",), False), (2, ("llm.", "projector."), True)):
+        train.set_trainable(stage, vlm, train.TrainConfig(stage0_objective="both", stage1_train_llm=llm_in_1))
         for name, p in vlm.named_parameters():
             assert p.requires_grad == name.startswith(trained), (stage, name)
     vlm.upcycle_to_moe("sparse", MoEConfig())
