@@ -586,7 +586,7 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         if counts is not None:
             add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
     if rt.distributed:  # the sums over every rank's batches, on every rank
-        gathered = rt.gather((ce_sum, ce_tokens, counts, words and (words.right, words.total)))
+        gathered = rt.gather((ce_sum, ce_tokens, counts, None if words is None else (words.right, words.total)))
         ce_sum, ce_tokens = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
         if words is not None:
             words.right = sum((g[3][0] for g in gathered), collections.Counter())
