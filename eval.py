@@ -28,6 +28,9 @@ What it measures (definitions and sources in docs/reference.md):
            top-k assignments of text and image tokens; load balance; dropped assignments; top-1 pathways. Plots
            as PNG with the numbers beside them (JSON, CSV), and the load over training time from the log.
            The capacity is a share of one forward's tokens, so what is dropped depends on --batch_size.
+           MoE layers on the vision side (CuMo: ViT blocks, projector) are a second group, counted over the image
+           patches, with the same files prefixed vision_ and a patch-level routing map: each patch of a few test
+           images coloured by its first-choice expert, layer by layer (vision_patch_routing.png).
 
 Everything lands in --out (default {ckpt}/eval/): metrics.json, answers.jsonl (every question, answer and
 verdict), pope_answers.jsonl, routing.json, routing.csv, routing_training.csv and the PNG plots; with
@@ -58,7 +61,7 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
-from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, autocast, load_checkpoint, moe_layer_indices
+from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, autocast, load_checkpoint
 from vision import PretrainHead
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,9 +535,11 @@ def run_probe(config, model, data, out, log):
 
 @dataclass
 class RoutingCounts:
-    """What the MoE layers did over an evaluation set, per MoE layer and expert (padding excluded)."""
+    """What one group of MoE layers did over an evaluation set, per MoE layer and expert (padding excluded).
+    Two groups: the LLM's layers (text and image tokens), and the vision side's (CuMo: the ViT's blocks and the
+    projector, over the image patches -- the ViT's class token is routed too but not counted here)."""
 
-    layers: list  # the LLM block index of each MoE layer
+    layers: list  # each MoE layer: the LLM block index, or "ViT 0", "ViT 1", ..., "projector"
     top_k: int
     capacity_factor: float  # the evaluation capacity factor the counts were taken at
     topk_counts: torch.Tensor  # (L, 2, E) top-k assignments (before dropping) of text (row 0) and image (row 1) tokens
@@ -553,21 +558,47 @@ class RoutingCounts:
                    pathways=[collections.Counter(), collections.Counter()])
 
 
+def routing_groups(vlm):
+    """{"llm": RoutingCounts, "vision": RoutingCounts} for the groups of MoE layers this VLM has (maybe none)."""
+    groups = {}
+    names = vlm.moe_layer_names()
+    for group, parts in ROUTING_GROUPS.items():
+        mine = [(part, i) for part, i in names if part in parts]
+        if mine:
+            moe = vlm.moe_config(mine[0][0])
+            groups[group] = RoutingCounts.zeros([routing_layer(part, i) for part, i in mine], moe.top_k,
+                                                moe.num_experts, moe.eval_capacity_factor)
+    return groups
+
+
+ROUTING_GROUPS = {"llm": ("llm",), "vision": ("vision", "projector")}  # group -> the VLM parts it holds
+
+
+def routing_layer(part, i):
+    """How a MoE layer is named in the counts: the LLM's block index, "ViT i", or "projector"."""
+    return i if part == "llm" else f"ViT {i}" if part == "vision" else "projector"
+
+
+def layer_label(layer):
+    """A MoE layer's name in tables and plots: "layer 2" for the LLM's block 2, "ViT 1", "projector"."""
+    return f"layer {layer}" if isinstance(layer, int) else layer
+
+
 @torch.no_grad()
 def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True, desc="losses", rt=P.Runtime(),
                      words=None):
-    """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts
-    (None for a dense model). Under torchrun each rank runs every world-th batch; the sums are gathered.
-    A WordTally as `words` also counts the image words the model predicts right (gathered like the sums).
+    """Token-weighted answer cross-entropy over all examples (None if there are none), and the RoutingCounts of
+    each group of MoE layers ({} for a dense model; routing_groups). Under torchrun each rank runs every
+    world-th batch; the sums are gathered. A WordTally as `words` also counts the image words the model predicts
+    right (gathered like the sums).
 
     Runs in eval mode, so the MoE layers use the evaluation capacity (eval_capacity_factor) and may drop. The
     capacity is a share of one forward's tokens: what is dropped depends on batch_size."""
     vlm.eval()
-    moe = vlm.llm.config.moe
-    layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
-    counts = RoutingCounts.zeros(layers, moe.top_k, moe.num_experts, moe.eval_capacity_factor) if layers else None
+    groups = routing_groups(vlm)
+    n_vision = len(groups["vision"].layers) if "vision" in groups else 0
     if not examples:
-        return None, None
+        return None, {}
     batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
     ce_sum, ce_tokens = 0.0, 0
     starts = rt.mine(range(0, len(examples), batch_size))
@@ -583,19 +614,22 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
         ce_tokens += n
         if words is not None:
             words.add(out.logits[:, :-1].argmax(-1).cpu(), batch.labels[:, 1:].cpu())
-        if counts is not None:
-            add_routing(counts, out.routing, batch.input_ids == IMAGE_TOKEN_INDEX, batch.attention_mask)
+        if "llm" in groups:
+            add_routing(groups["llm"], out.routing[n_vision:], batch.input_ids == IMAGE_TOKEN_INDEX,
+                        batch.attention_mask)
+        if "vision" in groups and batch.images is not None:
+            add_vision_routing(groups["vision"], out.routing[:n_vision], vlm.num_image_tokens)
     if rt.distributed:  # the sums over every rank's batches, on every rank
-        gathered = rt.gather((ce_sum, ce_tokens, counts, None if words is None else (words.right, words.total)))
+        gathered = rt.gather((ce_sum, ce_tokens, groups, None if words is None else (words.right, words.total)))
         ce_sum, ce_tokens = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
         if words is not None:
             words.right = sum((g[3][0] for g in gathered), collections.Counter())
             words.total = sum((g[3][1] for g in gathered), collections.Counter())
-        if counts is not None:
-            counts = gathered[0][2]
-            for _, _, theirs, _ in gathered[1:]:
-                add_counts(counts, theirs)
-    return (ce_sum / ce_tokens if ce_tokens else None), counts
+        groups = gathered[0][2]
+        for _, _, theirs, _ in gathered[1:]:
+            for name, counts in groups.items():
+                add_counts(counts, theirs[name])
+    return (ce_sum / ce_tokens if ce_tokens else None), groups
 
 
 def add_counts(counts, other):
@@ -604,6 +638,21 @@ def add_counts(counts, other):
         getattr(counts, name).add_(getattr(other, name))
     for mine, theirs in zip(counts.pathways, other.pathways):
         mine.update(theirs)
+
+
+def add_vision_routing(counts, routing, patches):
+    """Add one batch's vision-side RoutingStats (ViT blocks, then the projector) to the counts: every patch of
+    every image is an image token; the ViT's class token (its first position) is left out, so that a patch's
+    top-1 pathway runs through the ViT and on into the projector."""
+    index = [s.expert_index[:, -patches:].reshape(-1, s.expert_index.shape[-1]).cpu() for s in routing]  # (n*P, k)
+    E = counts.topk_counts.shape[-1]
+    for i, (stats, chosen) in enumerate(zip(routing, index)):
+        counts.topk_counts[i, 1] += torch.bincount(chosen.reshape(-1), minlength=E)
+        counts.top1_counts[i, 1] += torch.bincount(chosen[:, 0], minlength=E)
+        counts.dropped[i] += int(stats.dropped)
+    counts.tokens[1] += index[0].shape[0]
+    rows, n = torch.unique(torch.stack([c[:, 0] for c in index], dim=-1), dim=0, return_counts=True)
+    counts.pathways[1].update({tuple(r): int(c) for r, c in zip(rows.tolist(), n.tolist())})
 
 
 def add_routing(counts, routing, image_mask, attention_mask):
@@ -716,9 +765,9 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
     writer = rt.rank == 0
     if writer:
         os.makedirs(out, exist_ok=True)
-    moe_layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    moe_layers = [layer_label(routing_layer(part, i)) for part, i in vlm.moe_layer_names()]
     log(f"{meta['checkpoint']}: stage {meta.get('stage')}, step {meta.get('step')}, "
-        + (f"MoE layers {moe_layers}" if moe_layers else "dense"))
+        + (f"MoE layers: {', '.join(moe_layers)}" if moe_layers else "dense"))
     metrics = {"checkpoint": meta["checkpoint"], "stage": meta.get("stage"), "step": meta.get("step"),
                "data": data.answer_file, "params": meta.get("counts"), "eval_config": asdict(config), "seconds": {}}
 
@@ -740,7 +789,7 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
             blind["pope"] = timed(f"POPE, {config.blind} images", run_pope, vlm, tokenizer, data, config, device,
                                   out, rt, images=config.blind)
     answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
-    answer_ce, counts = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
+    answer_ce, groups = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
                               config.batch_size, device, config.progress, "answer loss", rt)
     metrics["loss"] = {"answer_ce": answer_ce}
     if data.captions is not None:  # the stage-I objective (`plain` template): how well the model reads images
@@ -750,13 +799,21 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
                                                  config.batch_size, device, config.progress, "caption loss", rt,
                                                  words)
         metrics["caption_words"] = words.accuracy()  # teacher-forced: can it read each kind of word off the image?
-    metrics["routing"] = None
-    if counts is not None:
+    metrics["routing"] = metrics["vision_routing"] = None  # the LLM's MoE layers; the vision side's (CuMo)
+    records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
+    for group, counts in groups.items():
         summary = routing_summary(counts)
-        metrics["routing"] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
-                                                      "capacity_factor", "dropped_fraction")}
-        records = training_routing(os.path.join(meta["checkpoint"], "log.jsonl"))
-        metrics["routing"]["files"] = write_routing_outputs(summary, records, out, config.plots) if writer else []
+        key, prefix = ("routing", "") if group == "llm" else ("vision_routing", "vision_")
+        metrics[key] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
+                                                "capacity_factor", "dropped_fraction")}
+        metrics[key]["files"] = write_routing_outputs(summary, records[group], out, config.plots, prefix) \
+            if writer else []
+    if "vision" in groups and writer and config.plots and data.scenes is not None:  # the patch-level map
+        images = [os.path.join(data.folder, scene["image"]) for scene in data.scenes[:4]]
+        maps = patch_routing_maps(vlm, images, device)
+        plot_patch_routing(maps, images, groups["vision"].layers, groups["vision"].topk_counts.shape[-1],
+                           os.path.join(out, "vision_patch_routing.png"))
+        metrics["vision_routing"]["files"].append("vision_patch_routing.png")
     metrics["seconds"]["total"] = round(time.time() - t_start, 1)
     if writer:
         D.write_json(os.path.join(out, "metrics.json"), metrics)
@@ -773,10 +830,9 @@ def metric_rows(m):
         w = m["caption_words"]
         rows.append(("caption words right: size / colour / shape / position",
                      " / ".join(f"{100 * w[k]:.1f}" if k in w else "-" for k in CAPTION_WORDS)))
-    if m.get("routing"):
-        r = m["routing"]
-        for i, layer in enumerate(r["layers"]):
-            rows.append((f"layer {layer}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
+    for r in (m.get("vision_routing"), m.get("routing")):
+        for i, layer in enumerate(r["layers"] if r else []):
+            rows.append((f"{layer_label(layer)}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
                          f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
     return rows
 
@@ -865,18 +921,22 @@ def write_routing_csv(summary, path):
 
 
 def training_routing(log_path):
-    """The per-expert counts train.py logged during stage III: [(step, [{layer, topk_text_image, ...}])]."""
+    """The per-expert counts train.py logged during stage III, per routing group: {"llm": [(step, [{layer,
+    topk_text_image, ...}])], "vision": [...]}, each layer named as in the RoutingCounts (routing_layer)."""
+    records = {group: [] for group in ROUTING_GROUPS}
     if not os.path.exists(log_path):
-        return []
-    records = []
+        return records
     with open(log_path) as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if "routing" in record:
-                records.append((record["step"], record["routing"]))
+            for group, parts in ROUTING_GROUPS.items() if "routing" in record else ():
+                layers = [dict(r, layer=routing_layer(r.get("part", "llm"), r["layer"])) for r in record["routing"]
+                          if r.get("part", "llm") in parts]  # (a log from before CuMo has no part: the LLM)
+                if layers:
+                    records[group].append((record["step"], layers))
     return records
 
 
@@ -915,7 +975,7 @@ def plot_expert_load(summary, path):
             ax.bar([i + (e - (E - 1) / 2) * width for i in range(L)], [summary[key][i][e] for i in range(L)],
                    width, color=colours[e], label=f"expert {e}")
         ax.axhline(1 / E, color="black", linestyle="--", linewidth=1, label="balanced (1/E)")
-        ax.set_xticks(range(L), [f"layer {i}" for i in summary["layers"]])
+        ax.set_xticks(range(L), [layer_label(i) for i in summary["layers"]])
         ax.set_ylabel("share of the layer's assignments")
         ax.set_title(f"Expert load per MoE layer: {title}")
     axes[0][1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -936,7 +996,7 @@ def plot_modality_split(summary, path):
             ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
             ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
             ax.set_ylim(0, 1)
-            ax.set_title(f"layer {summary['layers'][i]}, {which}")
+            ax.set_title(f"{layer_label(summary['layers'][i])}, {which}")
         axes[row][0].set_ylabel("share of the expert's tokens\n(each modality rescaled)")
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Modality split per expert: image vs text")
@@ -956,7 +1016,7 @@ def plot_load_heatmap(summary, path):
                 ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize="small",
                         color="white" if v < grid.max() * 0.6 else "black")
             ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
-            ax.set_yticks(range(L), [f"layer {i}" for i in summary["layers"]])
+            ax.set_yticks(range(L), [layer_label(i) for i in summary["layers"]])
             ax.set_title(f"{label} share: {title}")
         fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8, label="share of the layer's assignments")
     fig.savefig(path, dpi=120)
@@ -965,7 +1025,7 @@ def plot_load_heatmap(summary, path):
 def plot_balance(summary, path):
     """Per MoE layer: max/mean expert load and its coefficient of variation, and the dropped assignments."""
     fig, axes = new_figure(2, width=max(3.6, 0.9 * len(summary["layers"]) + 2.4))
-    names = [f"layer {i}" for i in summary["layers"]]
+    names = [layer_label(i) for i in summary["layers"]]
     x = np.arange(len(names))
     ax = axes[0][0]
     ax.bar(x - 0.2, summary["max_over_mean_load"], 0.4, color="tab:purple", label="max / mean load")
@@ -997,7 +1057,7 @@ def plot_training_load(records, num_experts, path):
         for e in range(num_experts):
             ax.plot(steps, shares[:, e], color=colours[e], label=f"expert {e}")
         ax.axhline(1 / num_experts, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"layer {layers[i]}")
+        ax.set_title(layer_label(layers[i]))
         ax.set_xlabel("stage III step")
     axes[0][0].set_ylabel("share of top-k assignments (training batch)")
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -1016,33 +1076,78 @@ def plot_pathways(summary, path):
             jitter = (rank - len(paths) / 2) * 0.02  # so paths sharing a segment stay visible
             ax.plot(range(len(layers)), [e + jitter for e in p["experts"]], marker="o",
                     linewidth=1 + 12 * p["share"], alpha=0.7, label=f"{p['share']:.1%}")
-        ax.set_xticks(range(len(layers)), [f"layer {i}" for i in layers])
+        ax.set_xticks(range(len(layers)), [layer_label(i) for i in layers])
         ax.set_yticks(range(E), [f"expert {e}" for e in range(E)])
         ax.set_ylim(-0.5, E - 0.5)
-        ax.set_title(f"top-1 pathways of {name} tokens (top {len(paths)})")
-        ax.legend(fontsize="x-small", title="share of tokens", title_fontsize="x-small", loc="center left",
-                  bbox_to_anchor=(1.0, 0.5))
+        ax.set_title(f"top-1 pathways of {name} tokens (top {len(paths)})" if paths else f"no {name} tokens")
+        if paths:
+            ax.legend(fontsize="x-small", title="share of tokens", title_fontsize="x-small", loc="center left",
+                      bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path, dpi=120)
 
 
-def write_routing_outputs(summary, records, out, plots=True):
-    """routing.json, routing.csv, routing_training.csv and (plots=True) the PNGs; returns the files written."""
-    D.write_json(os.path.join(out, "routing.json"), summary)
-    write_routing_csv(summary, os.path.join(out, "routing.csv"))
-    files = ["routing.json", "routing.csv"]
+def write_routing_outputs(summary, records, out, plots=True, prefix=""):
+    """{prefix}routing.json, routing.csv, routing_training.csv and (plots=True) the PNGs; returns the files
+    written. The vision side (prefix "vision_") has image tokens only, so no modality split."""
+    files = [prefix + name for name in ("routing.json", "routing.csv")]
+    D.write_json(os.path.join(out, files[0]), summary)
+    write_routing_csv(summary, os.path.join(out, files[1]))
     if records:
-        write_training_csv(records, os.path.join(out, "routing_training.csv"))
-        files.append("routing_training.csv")
+        files.append(f"{prefix}routing_training.csv")
+        write_training_csv(records, os.path.join(out, files[-1]))
     if plots:
+        both = summary["tokens"]["text"] > 0 and summary["tokens"]["image"] > 0
         for name, plot in (("expert_load.png", plot_expert_load), ("modality_split.png", plot_modality_split),
                            ("load_heatmap.png", plot_load_heatmap), ("balance.png", plot_balance),
                            ("pathways.png", plot_pathways)):
-            plot(summary, os.path.join(out, name))
-            files.append(name)
+            if name != "modality_split.png" or both or not prefix:
+                files.append(prefix + name)
+                plot(summary, os.path.join(out, files[-1]))
         if records:
-            plot_training_load(records, summary["num_experts"], os.path.join(out, "load_over_training.png"))
-            files.append("load_over_training.png")
+            files.append(f"{prefix}load_over_training.png")
+            plot_training_load(records, summary["num_experts"], os.path.join(out, files[-1]))
     return files
+
+
+@torch.no_grad()
+def patch_routing_maps(vlm, image_paths, device):
+    """The first choice of every patch at each vision-side MoE layer (ViT blocks, then the projector), for a few
+    images: (layers, images, side, side) expert indices, patches in raster order as the ViT cuts them."""
+    size, patches = vlm.config.vision.image_size, vlm.num_image_tokens
+    pixels = torch.stack([D.load_image(p, size) for p in image_paths]).to(device)
+    with autocast(device):
+        features, routing = vlm.vision.features(pixels, dropless=True)
+        _, projector_routing = vlm.project(features, dropless=True)
+    side = int(patches ** 0.5)
+    return torch.stack([s.expert_index[:, -patches:, 0].reshape(-1, side, side)
+                        for s in routing + projector_routing]).cpu()
+
+
+def plot_patch_routing(maps, image_paths, layers, num_experts, path):
+    """Patch-level routing map: each image, then one panel per vision-side MoE layer with every patch coloured
+    by the expert its first choice went to, drawn over the image. Where the experts split the picture --
+    objects against background, edges, one shape or colour against another -- shows what they specialise in."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    n_layers, n_images = maps.shape[:2]
+    fig, axes = new_figure(n_layers + 1, nrows=n_images, width=2.2, height=2.2)
+    colours = expert_colours(num_experts)
+    for row, image_path in enumerate(image_paths):
+        with Image.open(image_path) as im:
+            picture = np.asarray(im.convert("RGB"))
+        h, w = picture.shape[:2]
+        for col, ax in enumerate(axes[row]):
+            ax.imshow(picture)
+            if col:
+                ax.imshow(maps[col - 1, row].numpy(), cmap=ListedColormap(colours), vmin=-0.5,
+                          vmax=num_experts - 0.5, alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title("image" if col == 0 else layer_label(layers[col - 1]))
+    fig.legend(handles=[Patch(color=c, label=f"expert {e}") for e, c in enumerate(colours)], loc="outside right")
+    fig.suptitle("Top-1 expert of every patch, per vision MoE layer")
+    fig.savefig(path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1120,7 +1225,8 @@ def evaluate_all(config, rt):
         with open(os.path.join(out, "compare.txt"), "w") as f:
             f.write(table + "\n")
     written = ["metrics.json", "answers.jsonl"] + (["pope_answers.jsonl"] if data.scenes is not None else []) + \
-        (results[0]["routing"] or {}).get("files", []) + (["compare.txt", "compare/"] if config.compare else [])
+        (results[0]["routing"] or {}).get("files", []) + (results[0]["vision_routing"] or {}).get("files", []) + \
+        (["compare.txt", "compare/"] if config.compare else [])
     log(f"\nwrote into {out}: {', '.join(written)}")
     return results
 

@@ -12,6 +12,11 @@ inside the model; we let the data pipeline write one sentinel per patch instead,
 is known before the model runs (padding, truncation that never cuts an image, batching) and the splice is a
 single masked_scatter.
 
+MoE layers can sit in three parts of the VLM: the LLM's FFNs (MoE-LLaVA), the ViT's MLPs and the projector
+(CuMo). Each part has its own MoEConfig; the loss adds each part's balancing and z-losses, summed or averaged
+over its layers (part_moe_losses), and VLMOutput.routing lists every MoE layer's RoutingStats in the order
+VLM.moe_layer_names() gives.
+
 Classes bottom-up: configs -> RMSNorm -> rotary -> KVCache -> Attention -> MLP -> Block -> LLM -> VLM, then the
 checkpoint file that train.py writes and eval.py reads (save_checkpoint, load_checkpoint).
 """
@@ -24,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoEConfig, MoELayer, SwiGLUExperts
-from vision import VIT_PRESETS, ViT, ViTConfig, build_projector
+from moe import MoEConfig, MoELayer, SwiGLUExperts, moe_layer_indices
+from vision import VIT_PRESETS, ViT, ViTConfig, build_projector, upcycle_projector
 
 IGNORE_INDEX = -100  # label of positions that are not supervised (image, prompt, padding): F.cross_entropy skips it
 IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel id, here one per image patch position; it is never embedded
@@ -53,29 +58,6 @@ class LLMConfig:
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise ValueError(f"LLMConfig: dim={self.dim} must split into n_head={self.n_head} heads of even size")
         moe_layer_indices(self.moe_layers, self.n_layer)  # fail early on a bad placement
-
-
-def moe_layer_indices(moe_layers, n_layer):
-    """Which blocks get an MoE FFN, by MoE-LLaVA's moe_mode (their train script) or an explicit list.
-
-    sparse: every other layer from 0 (MoE-LLaVA's choice) | dense: all | first_half | second_half | "0,2,5".
-    """
-    modes = {"sparse": range(0, n_layer, 2), "dense": range(n_layer),
-             "first_half": range(n_layer // 2), "second_half": range(n_layer // 2, n_layer)}
-    if moe_layers == "":
-        return []
-    if moe_layers in modes:
-        indices = list(modes[moe_layers])
-    else:
-        try:
-            indices = sorted({int(i) for i in moe_layers.split(",")})
-        except ValueError:
-            raise ValueError(f"moe_layers={moe_layers!r}: use one of {tuple(modes)} or a comma-separated list of "
-                             f"layer indices such as '0,2'") from None
-    if not indices or indices[0] < 0 or indices[-1] >= n_layer:
-        raise ValueError(f"moe_layers={moe_layers!r} selects {indices}: with n_layer={n_layer} it must select at "
-                         f"least one layer in 0..{n_layer - 1}")
-    return indices
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,17 +376,23 @@ class VLMConfig:
     vision: ViTConfig = field(default_factory=ViTConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: str = "mlp2x_gelu"
+    projector_moe: MoEConfig = None  # None: a dense projector; else an MoE of mlp2x_gelu experts (CuMo)
 
     def __post_init__(self):
         if self.vision.num_patches >= self.llm.max_seq_len:
             raise ValueError(f"VLMConfig: an image takes {self.vision.num_patches} tokens, which leaves no room for "
                              f"text in max_seq_len={self.llm.max_seq_len}")
+        if self.projector_moe is not None and self.projector != "mlp2x_gelu":
+            raise ValueError("VLMConfig: an MoE projector needs projector='mlp2x_gelu' (its experts are GELU MLPs)")
 
     @classmethod
     def from_dict(cls, d):
         """The config back from dataclasses.asdict(config), as a checkpoint's metadata stores it."""
         llm = dict(d["llm"], moe=MoEConfig(**d["llm"]["moe"]))
-        return cls(vision=ViTConfig(**d["vision"]), llm=LLMConfig(**llm), projector=d["projector"])
+        vision = dict(d["vision"], moe=MoEConfig(**d["vision"].get("moe", {})))
+        projector_moe = d.get("projector_moe")
+        return cls(vision=ViTConfig(**vision), llm=LLMConfig(**llm), projector=d["projector"],
+                   projector_moe=None if projector_moe is None else MoEConfig(**projector_moe))
 
 
 PRESETS = {
@@ -418,11 +406,23 @@ PRESETS = {
 @dataclass
 class VLMOutput:
     logits: torch.Tensor  # (B, T, vocab)
-    loss: torch.Tensor = None  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (None without labels)
+    loss: torch.Tensor = None  # ce_loss + each part's aux_loss_coef * aux + z_loss_coef * z (None without labels)
     ce_loss: torch.Tensor = None  # next-token cross-entropy on the supervised positions
-    aux_loss: torch.Tensor = None  # sum over MoE layers of the balancing loss (0 for a dense model)
-    z_loss: torch.Tensor = None  # sum over MoE layers of the router z-loss
-    routing: list = field(default_factory=list)  # RoutingStats per MoE layer
+    aux_loss: torch.Tensor = None  # the parts' balancing losses, summed (0 for a dense model)
+    z_loss: torch.Tensor = None  # the parts' router z-losses, summed
+    part_losses: dict = field(default_factory=dict)  # {"aux_vision": .., "z_vision": .., "aux_llm": ..}: per part
+    routing: list = field(default_factory=list)  # RoutingStats per MoE layer, in VLM.moe_layer_names() order;
+    #                                               None for the vision side's layers when the batch has no image
+
+
+MOE_PARTS = ("vision", "projector", "llm")  # where a VLM can hold MoE layers, in the order a token meets them
+
+
+def part_moe_losses(routing, config: MoEConfig):
+    """One part's balancing and z-losses from its MoE layers' RoutingStats: summed over the layers (MoE-LLaVA)
+    or averaged (CuMo: the ViT's layers are averaged, so its weight does not grow with its depth)."""
+    combine = (lambda xs: sum(xs) / len(xs)) if config.aux_over_layers == "mean" else sum
+    return combine([s.balance_loss for s in routing]), combine([s.z_loss for s in routing])
 
 
 class VLM(nn.Module):
@@ -432,18 +432,42 @@ class VLM(nn.Module):
         super().__init__()
         self.config = config
         self.vision = ViT(config.vision)
-        self.projector = build_projector(config.projector, config.vision.width, config.llm.dim)
+        self.projector = build_projector(config.projector, config.vision.width, config.llm.dim, config.projector_moe)
         self.llm = LLM(config.llm)
 
     @property
     def num_image_tokens(self):
         return self.config.vision.num_patches
 
-    def embed(self, input_ids, images=None):
+    def moe_layer_names(self):
+        """(part, layer) of every MoE layer, in the order VLMOutput.routing lists them: the ViT's blocks, the
+        projector (layer 0), the LLM's blocks."""
+        return ([("vision", i) for i in self.config.vision.moe_blocks]
+                + ([("projector", 0)] if isinstance(self.projector, MoELayer) else [])
+                + [("llm", i) for i in moe_layer_indices(self.config.llm.moe_layers, self.config.llm.n_layer)])
+
+    def moe_config(self, part):
+        return {"vision": self.config.vision.moe, "projector": self.config.projector_moe,
+                "llm": self.config.llm.moe}[part]
+
+    def project(self, features, dropless=False):
+        """The projector on (n, P, width) patch features -> ((n, P, C), [RoutingStats] if it is an MoE)."""
+        if isinstance(self.projector, MoELayer):
+            out, stats = self.projector(features, dropless=dropless)
+            return out, [stats]
+        return self.projector(features), []
+
+    def vision_side_sharded(self):
+        """Whether the ViT or the projector has experts spread over ranks (expert parallelism)."""
+        return any(isinstance(m, MoELayer) and m.ep_group is not None
+                   for part in (self.vision, self.projector) for m in part.modules())
+
+    def embed(self, input_ids, images=None, dropless=False):
         """Token embeddings with the projected image patches written over the IMAGE_TOKEN_INDEX positions.
 
         input_ids (B, T) hold num_image_tokens consecutive IMAGE_TOKEN_INDEX ids per image; images (n, 3, H, W)
-        are the batch's images in the order they appear. Returns embeddings (B, T, C) and the image mask (B, T).
+        are the batch's images in the order they appear. Returns embeddings (B, T, C), the image mask (B, T) and
+        the RoutingStats of the vision side's MoE layers (ViT blocks, then the projector; [] when dense).
         """
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.llm.tok_emb(input_ids.masked_fill(image_mask, 0))  # (B, T, C); image rows overwritten below
@@ -452,35 +476,59 @@ class VLM(nn.Module):
         if int(per_row.sum()) != n_images * self.num_image_tokens or bool((per_row % self.num_image_tokens).any()):
             raise ValueError(f"the batch has {per_row.tolist()} image positions per row for {n_images} images: each "
                              f"image needs exactly {self.num_image_tokens} placeholder ids in one row")
-        if n_images:
-            features = self.projector(self.vision(images))  # (n, P, C)
+        routing = []
+        if n_images or self.vision_side_sharded():
+            if n_images == 0:  # experts spread over ranks exchange tokens in every forward, and every rank must
+                size = self.config.vision.image_size  # take part: a rank without images runs the ViT on none
+                images = embeds.new_zeros(0, 3, size, size)
+            features, routing = self.vision.features(images, dropless=dropless)  # (n, P, width)
+            features, projector_routing = self.project(features, dropless)  # (n, P, C)
+            routing += projector_routing
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        return embeds, image_mask
+        return embeds, image_mask, routing
 
     def forward(self, input_ids, images=None, labels=None, attention_mask=None):
-        embeds, image_mask = self.embed(input_ids, images)
+        embeds, image_mask, vision_routing = self.embed(input_ids, images)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, image_mask=image_mask)
-        result = VLMOutput(logits=out.logits, routing=out.routing)
+        names = self.moe_layer_names()
+        vision_routing = vision_routing or [None] * (len(names) - len(out.routing))  # None: not run (no images)
+        result = VLMOutput(logits=out.logits, routing=vision_routing + out.routing)
         if labels is not None:
-            moe = self.llm.config.moe
             labels = labels.masked_fill(image_mask, IGNORE_INDEX)  # image positions are never supervised
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)  # nor is padding
             result.ce_loss = lm_loss(out.logits, labels)
-            result.aux_loss = sum((s.balance_loss for s in out.routing), torch.zeros((), device=embeds.device))
-            result.z_loss = sum((s.z_loss for s in out.routing), torch.zeros((), device=embeds.device))
-            result.loss = result.ce_loss + moe.aux_loss_coef * result.aux_loss + moe.z_loss_coef * result.z_loss
+            zero = torch.zeros((), device=embeds.device)
+            result.loss, result.aux_loss, result.z_loss = result.ce_loss, zero, zero
+            by_part = {}
+            for (part, _), stats in zip(names, result.routing):
+                if stats is not None:
+                    by_part.setdefault(part, []).append(stats)
+            for part, routing in by_part.items():
+                cfg = self.moe_config(part)
+                aux, z = part_moe_losses(routing, cfg)
+                result.part_losses.update({f"aux_{part}": aux, f"z_{part}": z})
+                result.aux_loss, result.z_loss = result.aux_loss + aux, result.z_loss + z
+                result.loss = result.loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
         return result
 
-    def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig):
-        """Stage III: upcycle the LLM's chosen FFNs into MoE layers (see LLM.upcycle_to_moe)."""
-        self.llm.upcycle_to_moe(moe_layers, moe_config)
-        self.config = replace(self.config, llm=self.llm.config)
+    def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig, vision_moe_layers="", projector_moe=False):
+        """Stage III: upcycle the LLM's chosen FFNs into MoE layers (see LLM.upcycle_to_moe) and, for CuMo, the
+        ViT's chosen MLPs (ViT.upcycle_to_moe) and the projector (vision.upcycle_projector): co-upcycling."""
+        if moe_layers:
+            self.llm.upcycle_to_moe(moe_layers, moe_config)
+        if vision_moe_layers:
+            self.vision.upcycle_to_moe(vision_moe_layers, moe_config)
+        if projector_moe:
+            self.projector = upcycle_projector(self.projector, moe_config)
+        self.config = replace(self.config, llm=self.llm.config, vision=self.vision.config,
+                              projector_moe=moe_config if projector_moe else self.config.projector_moe)
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kwargs):
-        """Answer a batch of (left-padded) prompts with images; kwargs as LLM.generate."""
-        embeds, _ = self.embed(input_ids, images)
+        """Answer a batch of (left-padded) prompts with images; kwargs as LLM.generate. Every MoE layer routes
+        dropless, the vision side's too (see LLM.generate)."""
+        embeds, _, _ = self.embed(input_ids, images, dropless=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 

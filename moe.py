@@ -9,7 +9,9 @@ Read it top to bottom:
   1. MoEConfig                       every knob, with MoE-LLaVA's values as defaults
   2. routing                         router_logits -> top_k_routing -> expert_capacity / keep_within_capacity
                                      -> gate_weights
-  3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), router_z_loss (ST-MoE)
+  1b. placement                      moe_layer_indices: which blocks of a stack get an MoE FFN
+  3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), its per-sample form (CuMo),
+                                     router_z_loss (ST-MoE)
   4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP);
                                      each computes one expert (readable) or all experts at once (grouped)
   5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul);
@@ -48,8 +50,10 @@ class MoEConfig:
     drop_tokens: bool = True  # False = dropless: every token reaches all k of its experts (MegaBlocks)
     renormalize: bool = True  # the k chosen gates are rescaled to sum to 1 (MoE-LLaVA, CuMo)
     router_noise: float = 0.0  # std of Gaussian noise on the router logits when *choosing* experts, training only
-    aux_loss_coef: float = 0.01  # weight of the balancing loss, summed over MoE layers (MoE-LLaVA)
-    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 1e-3; MoE-LLaVA uses none)
+    aux_loss_coef: float = 0.01  # weight of the balancing loss (MoE-LLaVA 0.01; CuMo 0.1)
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE 1e-3; CuMo 0.01; MoE-LLaVA none)
+    balance_per_sample: bool = False  # balancing loss per sample (image), then averaged (CuMo); else batch-wide
+    aux_over_layers: str = "sum"  # a part's MoE layers' losses: sum (MoE-LLaVA) or mean (CuMo) over its layers
     dispatch: str = "sorted"  # "loop": the readable reference; "sorted": sort + grouped matmul; "cuda"/"auto": kernels/
 
     def __post_init__(self):
@@ -59,6 +63,32 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: dispatch={self.dispatch!r} is not one of {DISPATCH_MODES}")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError("MoEConfig: capacity factors must be > 0 (set drop_tokens=False for a dropless MoE)")
+        if self.aux_over_layers not in ("sum", "mean"):
+            raise ValueError(f"MoEConfig: aux_over_layers={self.aux_over_layers!r} must be 'sum' or 'mean'")
+
+
+def moe_layer_indices(moe_layers, n_layer):
+    """Which of n_layer blocks get an MoE FFN, by MoE-LLaVA's moe_mode (their train script) or an explicit list.
+
+    sparse: every other layer from 0 (MoE-LLaVA's choice) | dense or all: every layer (CuMo's, in the ViT) |
+    first_half | second_half | "0,2,5" | "": none.
+    """
+    modes = {"sparse": range(0, n_layer, 2), "dense": range(n_layer), "all": range(n_layer),
+             "first_half": range(n_layer // 2), "second_half": range(n_layer // 2, n_layer)}
+    if moe_layers == "":
+        return []
+    if moe_layers in modes:
+        indices = list(modes[moe_layers])
+    else:
+        try:
+            indices = sorted({int(i) for i in moe_layers.split(",")})
+        except ValueError:
+            raise ValueError(f"moe_layers={moe_layers!r}: use one of {tuple(modes)} or a comma-separated list of "
+                             f"layer indices such as '0,2'") from None
+    if not indices or indices[0] < 0 or indices[-1] >= n_layer:
+        raise ValueError(f"moe_layers={moe_layers!r} selects {indices}: with {n_layer} layers it must select at "
+                         f"least one layer in 0..{n_layer - 1}")
+    return indices
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,6 +178,20 @@ def load_balancing_loss(probs, top1_index, num_experts):
     me = probs.mean(dim=0)
     ce = torch.bincount(top1_index, minlength=num_experts).to(probs.dtype) / probs.shape[0]
     return num_experts * (me * ce).sum()
+
+
+def load_balancing_loss_per_sample(probs, top1_index, sample, num_experts):
+    """CuMo's form of the balancing loss: load_balancing_loss of each sample's own tokens, averaged over the
+    samples (sample: (N,) the sample each token belongs to). CuMo uses it in the ViT and the projector, where a
+    sample is one image: every image must spread its patches, not only the batch as a whole."""
+    if probs.shape[0] == 0:
+        return probs.sum()
+    samples, sample = torch.unique(sample, return_inverse=True)  # only samples that have tokens
+    S = samples.shape[0]
+    n = torch.bincount(sample, minlength=S).to(probs.dtype).unsqueeze(-1)  # (S, 1) tokens per sample
+    me = probs.new_zeros(S, num_experts).index_add(0, sample, probs) / n  # (S, E)
+    ce = probs.new_zeros(S, num_experts).index_add(0, sample, F.one_hot(top1_index, num_experts).to(probs.dtype)) / n
+    return (num_experts * (me * ce).sum(-1)).mean()
 
 
 def router_z_loss(logits):
@@ -511,15 +555,20 @@ class MoELayer(nn.Module):
 
         chosen = expert_index.new_full((x.shape[0], cfg.top_k), -1)
         chosen[real] = expert_index
+        if cfg.balance_per_sample:  # the sample of each token: the leading dimension of x
+            sample = torch.arange(lead_shape[0], device=x.device).repeat_interleave(x.shape[0] // max(lead_shape[0], 1))
+            balance = load_balancing_loss_per_sample(probs, expert_index[:, 0], sample[real], cfg.num_experts)
+        else:
+            balance = load_balancing_loss(probs, expert_index[:, 0], cfg.num_experts)
         stats = RoutingStats(
-            balance_loss=load_balancing_loss(probs, expert_index[:, 0], cfg.num_experts),
+            balance_loss=balance,
             z_loss=router_z_loss(logits),
             expert_counts=self._count_by_modality(expert_index, is_image[real]),
             top1_counts=self._count_by_modality(expert_index[:, :1], is_image[real]),
             dropped=(~keep).sum(),
             expert_index=chosen.view(*lead_shape, cfg.top_k),
         )
-        return y.view(*lead_shape, -1), stats
+        return y.view(*lead_shape, self.experts.out_dim), stats
 
     def _count_by_modality(self, expert_index, token_image):
         """(2, E): how many of the given assignments each expert got from text tokens (row 0) and image (row 1)."""

@@ -5,6 +5,7 @@ train.py -- MoE-Tuning: the stages that turn a ViT and a small LLM into a sparse
     python train.py --stage 3                   # only stage III, from {out_dir}/stage2/
     python train.py --stage 2 --resume          # continue an interrupted stage II exactly where it stopped
     python train.py --stage 3 --moe.num_experts=8 --moe.top_k=1 --moe_layers=dense   # any config field
+    python train.py --stage all --recipe=cumo   # CuMo: experts in the ViT and the projector, not the LLM
     python train.py --help                      # every option, with its default
     torchrun --standalone --nproc_per_node=8 train.py --stage all --preset small --global_batch=256   # 8 GPUs
 
@@ -24,6 +25,16 @@ docs/reference.md):
   stage III each FFN of the chosen layers (default `sparse`: every other one) becomes an MoE layer whose 4 experts
             start as copies of it (sparse upcycling); the experts and routers train (and the projector, as in the
             official code; --train_projector_stage3=false freezes it). Loss = CE + 0.01 * sum of balancing losses.
+
+--recipe=cumo trains CuMo (arXiv 2405.05949) through the same stages, with experts on the vision side instead:
+  stage II  "pre-finetuning": the ViT trains too (at --vit_lr_scale x the lr), still dense.
+  stage III every ViT MLP in use and the projector become MoE layers of copies of themselves (co-upcycling); the
+            LLM stays dense; the whole model trains. Dropless top-2 of 4; loss = CE + 0.1 x (balancing losses,
+            per image, averaged over the ViT's layers, + the projector's) + 0.01 x (their router z-losses).
+  Departures: CuMo's stage II pre-finetunes on rich captions, ours on stage II's instructions (the built-in world
+  has no second caption set); CuMo also runs the ViT block after the selected layer and trains its experts on
+  the auxiliary losses alone, though its output is never read -- we leave that block out. A recipe only sets
+  defaults (RECIPES): --recipe=cumo --moe_layers=sparse puts experts in the ViT, the projector and the LLM.
 
 Each stage reads {out_dir}/stage{N-1}/ckpt.pt and writes {out_dir}/stage{N}/: ckpt.pt (model, optimizer, RNG, and
 the metadata as JSON), meta.json (a readable copy of the metadata), log.jsonl, and the tokenizer.
@@ -49,7 +60,7 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
-from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss, moe_layer_indices,
+from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss,
                    param_counts, save_checkpoint, write_meta)
 from moe import MoEConfig, MoELayer
 from vision import PretrainHead, ViTConfig
@@ -93,7 +104,11 @@ class TrainConfig:
     log_interval: int = 10  # steps between log.jsonl lines
     routing_interval: int = 50  # steps between per-expert token counts in stage III's log
     ckpt_interval: int = 200  # steps between checkpoints (also at the end)
+    recipe: str = "moe-llava"  # moe-llava (experts in the LLM) or cumo (in the ViT and projector): sets the 6 below
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
+    vision_moe_layers: str = ""  # stage III: which ViT MLPs become MoE layers (CuMo: all; as moe_layers)
+    projector_moe: bool = False  # stage III: the mlp2x_gelu projector becomes an MoE of its copies (CuMo)
+    stage3_train: str = "moe"  # stage III trains: moe (the MoE layers and the projector: MoE-LLaVA) or all (CuMo)
     ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
     stage1_train_llm: bool = True  # departs from MoE-LLaVA (LLM frozen in stage I): our young LLM must learn to read
@@ -110,6 +125,18 @@ TRAIN_PRESETS = {
     "small": TrainConfig(preset="small", batch_size=32, clip_batch_size=256, stage0_iters=3000, stage1_iters=500,
                          stage2_iters=3000, stage3_iters=1500, stage0_lr=6e-4, stage2_lr=3e-4, stage3_lr=1e-4,
                          eval_interval=500, ckpt_interval=500),
+}
+# A recipe is a set of defaults: where the experts go, what each stage trains, the MoE losses. Any piece can still
+# be set on its own (--recipe=cumo --moe_layers=sparse puts experts in the ViT, the projector *and* the LLM).
+RECIPES = {
+    "moe-llava": {"train": {}, "moe": {}},  # the TrainConfig and MoEConfig defaults are MoE-LLaVA's
+    # CuMo (arXiv 2405.05949): the LLM stays dense; every ViT MLP in use and the projector are co-upcycled; stage
+    # II ("pre-finetuning") and stage III train the whole model, the ViT included; dropless top-2 of 4; loss =
+    # CE + 0.1 x (balancing losses, per image, averaged over the ViT's layers) + 0.01 x (router z-losses).
+    "cumo": {"train": {"moe_layers": "", "vision_moe_layers": "all", "projector_moe": True,
+                       "stage2_train_vit": True, "stage3_train": "all"},
+             "moe": {"aux_loss_coef": 0.1, "z_loss_coef": 0.01, "drop_tokens": False, "balance_per_sample": True,
+                     "aux_over_layers": "mean"}},
 }
 STAGES = (0, 1, 2, 3)
 # what decides the batches and the schedule: --resume continues a stage only if these are unchanged
@@ -172,7 +199,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
         if own is None and prev is not None:
             vlm.load_state_dict(prev["model"])
             if stage == 3:
-                vlm.upcycle_to_moe(config.moe_layers, replace(vlm_config.llm.moe, **nested["moe"]))
+                vlm.upcycle_to_moe(config.moe_layers, replace(vlm_config.llm.moe, **nested["moe"]),
+                                   config.vision_moe_layers, config.projector_moe)
     except ValueError as e:  # an impossible config: the dataclass says which field, and why
         raise SystemExit(f"error: {e}") from None
     if own is not None:
@@ -191,7 +219,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
 
 def set_trainable(stage, vlm, config):
     """Freeze everything, then unfreeze what this stage trains; the optimizer gets exactly these parameters.
-    Stage III trains what upcycling made: the experts and the routers. Returns the trained names."""
+    Stage III trains what upcycling made, the experts and the routers (MoE-LLaVA), or everything the VLM runs
+    (--stage3_train=all, CuMo). Returns the trained names."""
     for p in vlm.parameters():
         p.requires_grad_(False)
     if stage == 0:  # the projector waits for stage I; captioning alone reads no ViT part past the selected layer
@@ -200,8 +229,10 @@ def set_trainable(stage, vlm, config):
         trained = [vlm.projector] + ([vlm.llm] if config.stage1_train_llm else [])
     elif stage == 2:
         trained = [vlm.llm, vlm.projector] + (vision_in_use(vlm.vision) if config.stage2_train_vit else [])
+    elif config.stage3_train == "all":
+        trained = [vlm.llm, vlm.projector, *vision_in_use(vlm.vision)]
     else:
-        trained = [m for m in vlm.llm.modules() if isinstance(m, MoELayer)]  # experts and routers
+        trained = [m for m in vlm.modules() if isinstance(m, MoELayer)]  # experts and routers, wherever they are
         if config.train_projector_stage3:
             trained.append(vlm.projector)
     for part in trained:
@@ -213,8 +244,7 @@ def set_trainable(stage, vlm, config):
 def vision_in_use(vit):
     """The parts of the ViT the vision-language model runs: all but the blocks after the selected layer and the
     final norm (they serve only stage 0's contrastive head)."""
-    upto = vit.config.select_layer % (vit.config.layers + 1)
-    return [vit.patch_embed, vit.norm_pre, *vit.blocks[:upto], vit.cls_token, vit.pos_embed]
+    return [vit.patch_embed, vit.norm_pre, *vit.blocks[:vit.config.layers_in_use], vit.cls_token, vit.pos_embed]
 
 
 def stage0_loss(vlm, head, batch, device):
@@ -228,10 +258,20 @@ def stage0_loss(vlm, head, batch, device):
 
 
 def vlm_loss(vlm, batch, device):
-    """Stages I-III: cross-entropy on the answers (+ 0.01 x the balancing losses of the MoE layers, model.VLM)."""
+    """Stages I-III: cross-entropy on the answers + the MoE layers' weighted balancing (and z-) losses (model.VLM:
+    MoE-LLaVA 0.01 x their sum; CuMo 0.1 x and 0.01 x, per part). Every term is returned, to be logged."""
     with autocast(device):
         out = vlm(batch.input_ids, batch.images, batch.labels, batch.attention_mask)
-    return {"loss": out.loss, "ce": out.ce_loss, "aux": out.aux_loss}, out.routing
+    losses = {"loss": out.loss, "ce": out.ce_loss, "aux": out.aux_loss, "z": out.z_loss}
+    return {k: losses.get(k, out.part_losses.get(k, torch.zeros(()))) for k in vlm_loss_names(vlm)}, out.routing
+
+
+def vlm_loss_names(vlm):
+    """The losses a stage I-III step logs: loss, ce, aux; z when a z-loss is weighted; each part's own when
+    several parts (ViT, projector, LLM) hold MoE layers. (A batch without images has no vision-side terms: 0.)"""
+    parts = list(dict.fromkeys(part for part, _ in vlm.moe_layer_names()))
+    names = ["loss", "ce", "aux"] + (["z"] if any(vlm.moe_config(p).z_loss_coef for p in parts) else [])
+    return tuple(names + ([f"{t}_{p}" for p in parts for t in ("aux", "z")] if len(parts) > 1 else []))
 
 
 class StageModel(nn.Module):
@@ -248,17 +288,19 @@ class StageModel(nn.Module):
             losses, routing = stage0_loss(self.vlm, self.head, batch, device)
         else:
             losses, routing = vlm_loss(self.vlm, batch, device)
-        if torch.is_grad_enabled():  # the projector joins every graph: see forget_projector_join
-            losses["loss"] = losses["loss"] + sum(p.view(-1)[0] * 0.0 for p in self.vlm.projector.parameters()
-                                                  if p.requires_grad)
+        if torch.is_grad_enabled():  # the vision side joins every graph: see forget_vision_join
+            losses["loss"] = losses["loss"] + sum(p.view(-1)[0] * 0.0 for p in self.vision_side() if p.requires_grad)
         return losses, routing
 
-    def forget_projector_join(self):
-        """A text-only batch leaves the projector (the one part a batch can leave out) out of the graph. forward
-        joins it with a zero gradient all the same: DDP waits for every trained parameter, and stage I's loss
-        would have nothing to backpropagate. A step with no image on any rank calls this to drop those zeros,
-        so that AdamW skips the projector, as it would without the join."""
-        for p in self.vlm.projector.parameters():
+    def vision_side(self):
+        return [*self.vlm.vision.parameters(), *self.vlm.projector.parameters()]
+
+    def forget_vision_join(self):
+        """A text-only batch leaves the projector and the ViT (the parts a batch can leave out) out of the graph.
+        forward joins their trained parameters with a zero gradient all the same: DDP waits for every trained
+        parameter, and stage I's loss would have nothing to backpropagate. A step with no image on any rank calls
+        this to drop those zeros, so that AdamW skips them, as it would without the join."""
+        for p in self.vision_side():
             p.grad = None
 
 
@@ -289,7 +331,7 @@ class Stage:
 
     @property
     def loss_names(self):
-        return ("loss", *self.head.names, "lm") if self.number == 0 else ("loss", "ce", "aux")
+        return ("loss", *self.head.names, "lm") if self.number == 0 else vlm_loss_names(self.vlm)
 
 
 def setup_stage(stage, config, nested, rt, log):
@@ -463,7 +505,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
                 bar.close()
                 raise NonFiniteLoss(non_finite_message(st, step, losses["loss"]))
             if not pictured:  # no image anywhere in the step
-                st.model.forget_projector_join()
+                st.model.forget_vision_join()
             P.reduce_expert_grads(st.vlm, rt)
             P.clip_grad_norm(st.params, st.vlm, config.grad_clip, rt)
             st.optimizer.step()
@@ -506,7 +548,7 @@ def accumulate_gradients(st, step, config, rt, warn=print):
             losses, routing = st.train_model(batch)
             (weight * losses["loss"] / config.grad_accum).backward()
         if routing:  # (a stand-in counts zero: every rank then has counts to all-reduce)
-            counts = routing_counts(routing) * int(weight)
+            counts = routing_counts(routing, st.vlm) * int(weight)
             routed = counts if routed is None else routed + counts
         if weight:
             for k in names:
@@ -527,21 +569,23 @@ def non_finite_message(st, step, loss):
     return f"stage {st.number}: the loss became {loss} at step {step}; stopped without saving: {kept}"
 
 
-def routing_counts(routing):
+def routing_counts(routing, vlm):
     """One micro-batch's RoutingStats as a (L, 4E + 1) tensor per MoE layer: top-k text, top-k image, top-1 text,
-    top-1 image counts per expert, then the dropped assignments (summable over micro-batches and ranks)."""
-    return torch.stack([torch.cat([s.expert_counts.flatten(), s.top1_counts.flatten(), s.dropped.view(1)])
-                        for s in routing]).cpu()
+    top-1 image counts per expert, then the dropped assignments (summable over micro-batches and ranks). A layer
+    that did not run (the vision side, on a batch without images) counts zeros."""
+    return torch.stack([torch.zeros(1 + 4 * vlm.moe_config(part).num_experts, dtype=torch.long) if s is None else
+                        torch.cat([s.expert_counts.flatten(), s.top1_counts.flatten(), s.dropped.view(1)]).cpu()
+                        for (part, _), s in zip(vlm.moe_layer_names(), routing)])
 
 
 def routing_record(vlm, counts, rt=P.Runtime()):
-    """The log's routing record: per MoE layer, the step's counts over all its micro-batches on every rank."""
-    layers = moe_layer_indices(vlm.llm.config.moe_layers, vlm.llm.config.n_layer)
+    """The log's routing record: per MoE layer (its part: vision, projector or llm, and its index there), the
+    step's counts over all its micro-batches on every rank."""
     counts = torch.tensor(rt.sum(counts.flatten().tolist())).view(counts.shape).long()
     E = (counts.shape[1] - 1) // 4
-    return [{"layer": i, "topk_text_image": c[:2 * E].view(2, E).tolist(),
+    return [{"part": part, "layer": i, "topk_text_image": c[:2 * E].view(2, E).tolist(),
              "top1_text_image": c[2 * E:4 * E].view(2, E).tolist(), "dropped": int(c[-1])}
-            for i, c in zip(layers, counts)]
+            for (part, i), c in zip(vlm.moe_layer_names(), counts)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -718,7 +762,8 @@ def keep_log_lines(path, upto_step):
 
 
 NESTED = {"llm": LLMConfig, "vision": ViTConfig, "moe": MoEConfig, "data": D.BuiltinConfig}
-NOT_OPTIONS = {"llm.vocab_size", "llm.moe_layers"}  # set by the tokenizer, and by --moe_layers at stage III
+NOT_OPTIONS = {"llm.vocab_size", "llm.moe_layers", "vision.moe_layers"}  # the tokenizer; --moe_layers and
+#                                                                         --vision_moe_layers at stage III
 
 
 def build_parser():
@@ -733,13 +778,13 @@ def build_parser():
     return p
 
 
-def preset_of_previous_stage(out_dir, stage):
-    """Without --preset, stage N keeps the preset stage N-1 was trained with (its steps, batch and lr sizes)."""
+def previous_stage_choice(out_dir, stage, name):
+    """Without --preset (--recipe), stage N keeps the preset (recipe) stage N-1 was trained with."""
     path = os.path.join(out_dir, f"stage{stage - 1}", "meta.json")
     if stage == 0 or not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)["train_config"]["preset"]
+        return json.load(f)["train_config"].get(name)
 
 
 def parse_args(argv):
@@ -747,18 +792,24 @@ def parse_args(argv):
     args = vars(build_parser().parse_args(argv))
     stage = args.pop("stage")
     stages = list(STAGES) if stage == "all" else [int(stage)]
-    preset = args["preset"] or preset_of_previous_stage(args["out_dir"] or "out", stages[0]) or "tiny"
+    preset = args["preset"] or previous_stage_choice(args["out_dir"] or "out", stages[0], "preset") or "tiny"
     if preset not in TRAIN_PRESETS:
         raise SystemExit(f"error: --preset={preset} is not one of {sorted(TRAIN_PRESETS)}")
     given = {k: v for k, v in args.items() if v is not None and "." not in k and k != "projector"}
-    config = replace(TRAIN_PRESETS[preset], **given)
+    recipe = args["recipe"] or previous_stage_choice(args["out_dir"] or "out", stages[0], "recipe") or "moe-llava"
+    if recipe not in RECIPES:
+        raise SystemExit(f"error: --recipe={recipe} is not one of {sorted(RECIPES)}")
+    config = replace(TRAIN_PRESETS[preset], **{**RECIPES[recipe]["train"], "recipe": recipe, **given})  # given wins
     nested = {prefix: {} for prefix in NESTED}
+    nested["moe"] = dict(RECIPES[recipe]["moe"])
     for key, value in args.items():
         if "." in key and value is not None:
             prefix, name = key.split(".")
             nested[prefix][name] = value
     if args["projector"]:
         nested["projector"] = args["projector"]
+    if config.stage3_train not in ("moe", "all"):
+        raise SystemExit(f"error: --stage3_train={config.stage3_train} must be moe or all")
     if config.data_path and len(stages) > 1:
         raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
     if config.global_batch and given.get("grad_accum") not in (None, 1):

@@ -10,6 +10,11 @@ by CLIP's contrastive objective, the one before it keeps more local detail (LLaV
 The projector maps those features into the LLM's embedding space: `linear` (LLaVA) or `mlp2x_gelu`
 (Linear -> GELU -> Linear; LLaVA-1.5 and MoE-LLaVA).
 
+CuMo (arXiv 2405.05949) puts its experts here, on the vision side: every MLP of the ViT that the VLM runs, and
+the mlp2x_gelu projector, become top-k MoE layers (moe.MoELayer with GELU-MLP experts), each expert a copy of
+the trained dense MLP ("co-upcycling": ViT.upcycle_to_moe, upcycle_projector). Such a ViT returns, beside its
+features, the RoutingStats of its MoE blocks (ViT.features), and an MoE projector returns its own.
+
 Classes bottom-up: ViTConfig, Attention, MLP, conv_stem, Block, ViT; then build_projector; then what pretrains
 the ViT from scratch (train.py stage 0, because no CLIP weights can be downloaded here): a small text tower and
 CLIP's contrastive loss; a small captioner (CaptionHead); and PretrainHead, which picks one or both.
@@ -20,11 +25,13 @@ convolution, and stage 0 can teach the ViT by captioning instead of (or beside) 
 ViT loaded from elsewhere uses the plain patch embedding (`stem="patch"`, the ViTConfig default).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from moe import GELUExperts, MoEConfig, MoELayer, moe_layer_indices
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class ViTConfig:
     select_layer: int = -2  # which hidden state the VLM takes (LLaVA: -2, the second-to-last layer's output)
     stem: str = "patch"  # patch: one strided convolution (ViT, CLIP); conv: stride-2 3x3 convolutions (ours)
     norm_eps: float = 1e-5
+    moe_layers: str = ""  # "" = dense; else which blocks' MLPs are MoE layers (CuMo: all), as the LLM's moe_layers
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -51,6 +60,21 @@ class ViTConfig:
         if not -(self.layers + 1) <= self.select_layer <= self.layers:  # hidden states 0..layers
             raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the "
                              f"{self.layers + 1} hidden states")
+        if self.moe_layers:
+            moe_layer_indices(self.moe_layers, self.layers_in_use)  # fail early on a bad placement
+
+    @property
+    def layers_in_use(self):
+        """The blocks the vision-language model runs: those up to the selected layer (LLaVA takes the
+        second-to-last layer's output, so the last block serves only CLIP pretraining)."""
+        return self.select_layer % (self.layers + 1)
+
+    @property
+    def moe_blocks(self):
+        """Indices of the blocks whose MLP is an MoE layer. Placement counts only the blocks in use: CuMo's code
+        also runs the last block and trains its experts on the balancing losses alone, though its output is
+        never read; we leave that block dense."""
+        return moe_layer_indices(self.moe_layers, self.layers_in_use) if self.moe_layers else []
 
     @property
     def num_patches(self):
@@ -111,18 +135,33 @@ def conv_stem(config: ViTConfig):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or, in CuMo, an
+    MoE layer of GELU-MLP experts (forward_routed returns its RoutingStats too)."""
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, use_moe=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width, eps=config.norm_eps)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
-        self.mlp = MLP(config.width, int(config.mlp_ratio * config.width), config.width)
+        hidden = int(config.mlp_ratio * config.width)
+        self.mlp = MoELayer(config.moe, GELUExperts(config.moe.num_experts, config.width, hidden, config.width)) \
+            if use_moe else MLP(config.width, hidden, config.width)
+
+    @property
+    def is_moe(self):
+        return isinstance(self.mlp, MoELayer)
+
+    def forward_routed(self, x, attn_mask=None, dropless=False):
+        """-> (x, RoutingStats or None). Every patch (and the class token) is a real token: nothing is padding."""
+        x = x + self.attn(self.norm1(x), attn_mask)
+        if not self.is_moe:
+            return x + self.mlp(self.norm2(x)), None
+        out, stats = self.mlp(self.norm2(x), image_mask=torch.ones(x.shape[:2], dtype=torch.bool, device=x.device),
+                              dropless=dropless)
+        return x + out, stats
 
     def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        return self.forward_routed(x, attn_mask)[0]
 
 
 class ViT(nn.Module):
@@ -130,6 +169,7 @@ class ViT(nn.Module):
 
     forward(pixels)  -> (B, num_patches, width): patch features of hidden state `select_layer`, class token
                         dropped -- what the projector receives.
+    features(pixels) -> the same, and the RoutingStats of each MoE block (CuMo), in block order.
     embed(pixels)    -> (B, width): the final-normed class token of the last layer -- CLIP's image embedding,
                         used to pretrain the ViT contrastively (train.py, stage 0).
     Hidden states are numbered as in CLIP/LLaVA: 0 is the embeddings (after the pre-norm), i the output of block
@@ -145,7 +185,8 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
         self.norm_pre = nn.LayerNorm(config.width, eps=config.norm_eps)  # CLIP's ln_pre
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        moe_blocks = set(config.moe_blocks)
+        self.blocks = nn.ModuleList(Block(config, i in moe_blocks) for i in range(config.layers))
         self.norm = nn.LayerNorm(config.width, eps=config.norm_eps)  # CLIP's ln_post, on the class token
         self.apply(self._init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -162,8 +203,9 @@ class ViT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def hidden_states(self, pixels, upto):
-        """Run the embeddings and the first `upto` blocks; returns hidden state `upto` (B, 1 + P, width)."""
+    def hidden_states(self, pixels, upto, dropless=False):
+        """Run the embeddings and the first `upto` blocks; returns hidden state `upto` (B, 1 + P, width) and the
+        RoutingStats of the MoE blocks among them."""
         B, C, H, W = pixels.shape
         size = self.config.image_size
         if (C, H, W) != (3, size, size):
@@ -171,29 +213,58 @@ class ViT(nn.Module):
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, P, width), patches in raster order
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + P, width)
         x = self.norm_pre(x)
+        routing = []
         for block in self.blocks[:upto]:
-            x = block(x)
-        return x
+            x, stats = block.forward_routed(x, dropless=dropless)
+            if stats is not None:
+                routing.append(stats)
+        return x, routing
 
-    def forward(self, pixels, select_layer=None):
+    def features(self, pixels, select_layer=None, dropless=False):
         layer = self.config.select_layer if select_layer is None else select_layer
         n_states = self.config.layers + 1
         if not -n_states <= layer < n_states:
             raise ValueError(f"select_layer={layer}: this ViT has hidden states 0..{n_states - 1} (or -1..-{n_states})")
         upto = layer % n_states  # blocks after the selected layer are never run
-        return self.hidden_states(pixels, upto)[:, 1:]  # drop the class token
+        x, routing = self.hidden_states(pixels, upto, dropless)
+        return x[:, 1:], routing  # drop the class token
+
+    def forward(self, pixels, select_layer=None):
+        return self.features(pixels, select_layer)[0]
 
     def embed(self, pixels):
-        return self.norm(self.hidden_states(pixels, self.config.layers)[:, 0])
+        return self.norm(self.hidden_states(pixels, self.config.layers)[0][:, 0])
+
+    def upcycle_to_moe(self, moe_layers, moe_config: MoEConfig):
+        """CuMo's co-upcycling in the ViT: each chosen block's MLP becomes an MoE layer whose GELU experts are
+        copies of it (moe.MoELayer.upcycle), so the upcycled ViT computes exactly what the dense one did."""
+        config = replace(self.config, moe_layers=moe_layers, moe=moe_config)  # checks the placement
+        already = [i for i in config.moe_blocks if self.blocks[i].is_moe]
+        if already:
+            raise ValueError(f"ViT blocks {already} already have an MoE MLP; upcycle a dense ViT")
+        for i in config.moe_blocks:
+            self.blocks[i].mlp = MoELayer.upcycle(self.blocks[i].mlp, moe_config, GELUExperts)
+        self.config = config
 
 
-def build_projector(kind, vision_dim, llm_dim):
-    """The vision-to-language projector: `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5, MoE-LLaVA)."""
-    if kind == "linear":
-        return nn.Linear(vision_dim, llm_dim)
-    if kind == "mlp2x_gelu":
-        return MLP(vision_dim, llm_dim, llm_dim)
-    raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
+def build_projector(kind, vision_dim, llm_dim, moe: MoEConfig = None):
+    """The vision-to-language projector: `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5, MoE-LLaVA); with a
+    MoEConfig, an MoE layer of mlp2x_gelu experts (CuMo's MoE connector). An MoE projector returns
+    (features, RoutingStats), a dense one the features alone (model.VLM.project takes either)."""
+    if kind not in ("linear", "mlp2x_gelu"):
+        raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
+    if moe is not None:
+        if kind != "mlp2x_gelu":
+            raise ValueError("an MoE projector needs projector='mlp2x_gelu': its experts are GELU MLPs")
+        return MoELayer(moe, GELUExperts(moe.num_experts, vision_dim, llm_dim, llm_dim))
+    return nn.Linear(vision_dim, llm_dim) if kind == "linear" else MLP(vision_dim, llm_dim, llm_dim)
+
+
+def upcycle_projector(projector, moe_config: MoEConfig):
+    """CuMo's co-upcycling of the connector: an MoE layer whose experts are copies of the trained mlp2x_gelu."""
+    if not isinstance(projector, MLP):
+        raise ValueError("only an mlp2x_gelu projector can be upcycled into an MoE (its experts are GELU MLPs)")
+    return MoELayer.upcycle(projector, moe_config, GELUExperts)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -126,6 +126,16 @@ def test_text_only_and_unreadable_batches_on_one_rank_neither_hang_nor_change_tr
         for k, v in m1["val"].items():
             assert m2["val"][k] == pytest.approx(v, abs=1e-4), k
         assert f"(rank {corrupt % 2}): " in out[-1] and "batch skipped" in out[-1]  # the stand-in ran
+    # CuMo's experts sit in the ViT and the projector. Spread over the ranks, they exchange patches in every
+    # forward: a rank whose batch has no image runs them on none, so the other is not left waiting
+    for name in ("one", "two"):
+        shutil.copytree(tmp_path / name / "stage2", tmp_path / f"cumo_{name}" / "stage2")
+    train.main(["--stage", "3", "--recipe=cumo", "--out_dir", str(tmp_path / "cumo_one"), *user])
+    torchrun("train.py", "--stage", "3", "--recipe=cumo", "--ep_size=2", "--out_dir", str(tmp_path / "cumo_two"),
+             *user, timeout=120)
+    one, two = params(tmp_path / "cumo_one", 3), params(tmp_path / "cumo_two", 3)
+    assert any(".mlp.experts." in k for k in one["model"]) and any("projector.experts." in k for k in one["model"])
+    assert_same_model(one, two)
 
 
 def test_expert_parallel_layer_equals_the_whole_layer(torchrun):

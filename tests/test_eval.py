@@ -270,6 +270,7 @@ def test_the_vlms_word_score_compares_each_prediction_with_the_next_token(pipeli
         def __init__(self, off):
             super().__init__()
             self.vlm, self.off, self.llm, self.config = vlm, off, vlm.llm, vlm.config
+            self.moe_layer_names, self.moe_config = vlm.moe_layer_names, vlm.moe_config
 
         def forward(self, ids, images, labels, mask):
             out = self.vlm(ids, images, labels, mask)
@@ -307,7 +308,8 @@ def test_routing_counts_sum_to_real_tokens_times_k(pipeline):
     examples = D.load_examples(os.path.join(data_dir, "instruct_test.json"), data_dir, tok, "chat",
                                vlm.num_image_tokens, vlm.config.llm.max_seq_len)
     assert len({len(ex.ids) for ex in examples}) > 1  # batches are padded
-    ce, counts = E.loss_and_routing(vlm, examples, tok, batch_size=3, device=torch.device("cpu"), progress=False)
+    ce, groups = E.loss_and_routing(vlm, examples, tok, batch_size=3, device=torch.device("cpu"), progress=False)
+    counts = groups["llm"]
     real = sum(len(ex.ids) for ex in examples)
     image = sum(int((ex.ids == D.IMAGE_TOKEN_INDEX).sum()) for ex in examples)
     k = vlm.llm.config.moe.top_k
@@ -346,7 +348,8 @@ def test_a_tight_evaluation_capacity_drops_and_reports_it(pipeline):
     for block in vlm.llm.blocks:
         if block.is_moe:
             block.ffn.config = dataclasses.replace(block.ffn.config, eval_capacity_factor=0.25, min_capacity=1)
-    _, counts = E.loss_and_routing(vlm, examples, tok, batch_size=8, device=torch.device("cpu"), progress=False)
+    _, groups = E.loss_and_routing(vlm, examples, tok, batch_size=8, device=torch.device("cpu"), progress=False)
+    counts = groups["llm"]
     summary = E.routing_summary(counts)
     assert all(0.3 < d < 1 for d in summary["dropped_fraction"])  # at most a quarter of the choices fit
     assert int(counts.topk_counts[0].sum()) == counts.tokens.sum() * 2  # counts are before dropping
@@ -388,6 +391,30 @@ def test_eval_writes_metrics_answers_and_valid_png_plots(pipeline, tmp_path):
     assert right == round(metrics["vqa"]["overall"]["accuracy"] * len(answers))
     rows = (tmp_path / "routing.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 4  # a header, then 2 layers x 4 experts
+
+
+def test_a_cumo_checkpoint_gets_vision_routing_plots_and_a_patch_level_map(pipeline, tmp_path):
+    """eval.py finds MoE layers wherever they are: CuMo's ViT blocks and projector are counted over the image
+    patches, plotted with a vision_ prefix, and drawn patch by patch over test images."""
+    out, data_dir = pipeline
+    shutil.copytree(out / "stage2", tmp_path / "run" / "stage2")
+    train.main(["--stage", "3", "--recipe=cumo", "--max_iters=2", "--out_dir", str(tmp_path / "run"), "--data_dir",
+                data_dir, *SMALL])
+    E.main(["--ckpt", str(tmp_path / "run" / "stage3"), "--out", str(tmp_path / "eval"), "--blind=none", *QUIET])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["routing"] is None  # the LLM stays dense
+    vision = metrics["vision_routing"]
+    assert vision["layers"] == ["ViT 0", "projector"]  # 2 ViT blocks, the second-to-last selected: block 0 in use
+    samples = [s for s in D.read_json(os.path.join(data_dir, "instruct_test.json")) if s.get("image")]
+    assert vision["tokens"] == {"text": 0, "image": len(samples) * 16}  # every patch of every image, once
+    for name in ("vision_expert_load.png", "vision_load_heatmap.png", "vision_balance.png", "vision_pathways.png",
+                 "vision_load_over_training.png", "vision_patch_routing.png"):
+        assert is_png(tmp_path / "eval" / name) and name in vision["files"], name
+    assert not (tmp_path / "eval" / "vision_modality_split.png").exists()  # no text tokens to split from
+    vlm, _, _ = E.load_model(str(tmp_path / "run" / "stage3"), torch.device("cpu"))
+    paths = [os.path.join(data_dir, s["image"]) for s in samples[:3]]
+    maps = E.patch_routing_maps(vlm, paths, torch.device("cpu"))
+    assert maps.shape == (2, 3, 4, 4) and 0 <= int(maps.min()) and int(maps.max()) < 4
 
 
 def test_compare_puts_two_checkpoints_side_by_side(pipeline, tmp_path):

@@ -1,5 +1,5 @@
 """The specification of model.py: the LLM (causality, rotary, KV cache, MoE placement) and the VLM."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -28,9 +28,9 @@ def llm(seed=0, **overrides):
     return LLM(cfg).eval()
 
 
-def vlm(seed=0, moe_layers="", **moe):
+def vlm(seed=0, moe_layers="", vit_layers=2, **moe):
     torch.manual_seed(seed)
-    cfg = VLMConfig(vision=ViTConfig(image_size=16, patch_size=8, width=16, layers=2, heads=2),
+    cfg = VLMConfig(vision=ViTConfig(image_size=16, patch_size=8, width=16, layers=vit_layers, heads=2),
                     llm=LLMConfig(vocab_size=VOCAB, dim=32, n_layer=4, n_head=4, ffn_dim=64, max_seq_len=64,
                                   moe_layers=moe_layers, moe=MoEConfig(**moe)))
     return VLM(cfg)
@@ -208,7 +208,7 @@ def test_init_scales_residual_projections_down():
 def test_image_features_replace_the_placeholder_positions():
     model = vlm()
     input_ids, images, _, _ = vlm_batch()
-    embeds, image_mask = model.embed(input_ids, images)
+    embeds, image_mask, _ = model.embed(input_ids, images)
     features = model.projector(model.vision(images))  # (2, 4, 32)
     torch.testing.assert_close(embeds[image_mask].view(2, 4, -1), features)
     text = ~image_mask
@@ -237,6 +237,52 @@ def test_loss_is_cross_entropy_plus_weighted_moe_losses():
     torch.testing.assert_close(out.aux_loss, out.routing[0].balance_loss + out.routing[1].balance_loss)
     torch.testing.assert_close(out.loss, out.ce_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss)
     assert out.aux_loss > 0 and out.z_loss > 0
+
+
+def cumo_vlm(seed=0, llm_moe=""):
+    """A VLM with CuMo's MoE: both ViT blocks in use (3 layers, the second-to-last selected) and the projector."""
+    model = vlm(seed, vit_layers=3)
+    cumo = MoEConfig(aux_loss_coef=0.1, z_loss_coef=0.01, drop_tokens=False, balance_per_sample=True,
+                     aux_over_layers="mean")
+    model.upcycle_to_moe(llm_moe, cumo, vision_moe_layers="all", projector_moe=True)
+    return model
+
+
+def test_cumo_loss_weights_each_part_and_averages_over_the_vit_s_layers():
+    model = cumo_vlm(llm_moe="sparse")
+    assert model.moe_layer_names() == [("vision", 0), ("vision", 1), ("projector", 0), ("llm", 0), ("llm", 2)]
+    out = model(*vlm_batch())
+    vit_bal = (out.routing[0].balance_loss + out.routing[1].balance_loss) / 2
+    vit_z = (out.routing[0].z_loss + out.routing[1].z_loss) / 2
+    llm_bal = (out.routing[3].balance_loss + out.routing[4].balance_loss) / 2
+    torch.testing.assert_close(out.part_losses["aux_vision"], vit_bal)
+    torch.testing.assert_close(out.part_losses["z_vision"], vit_z)
+    torch.testing.assert_close(out.part_losses["aux_projector"], out.routing[2].balance_loss)
+    torch.testing.assert_close(out.part_losses["aux_llm"], llm_bal)
+    aux = vit_bal + out.routing[2].balance_loss + llm_bal
+    z = vit_z + out.routing[2].z_loss + (out.routing[3].z_loss + out.routing[4].z_loss) / 2
+    torch.testing.assert_close(out.loss, out.ce_loss + 0.1 * aux + 0.01 * z)  # CuMo's eq. 5, part by part
+    assert out.routing[0].expert_index.shape == (2, 5, 2) and out.routing[2].expert_index.shape == (2, 4, 2)
+
+
+def test_co_upcycled_vlm_computes_what_the_dense_vlm_computed_and_its_config_round_trips():
+    model = vlm(vit_layers=3)
+    batch = vlm_batch()
+    before = model(*batch).ce_loss
+    model.upcycle_to_moe("", MoEConfig(drop_tokens=False), vision_moe_layers="all", projector_moe=True)
+    assert [p for p, _ in model.moe_layer_names()] == ["vision", "vision", "projector"]
+    torch.testing.assert_close(model(*batch).ce_loss, before, atol=1e-6, rtol=1e-6)  # CuMo's co-upcycling, fp32
+    rebuilt = VLM(VLMConfig.from_dict(asdict(model.config)))  # as a checkpoint's metadata rebuilds it
+    assert rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_a_batch_without_images_runs_no_vision_moe_and_says_so():
+    model = cumo_vlm(llm_moe="sparse")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out = model(ids, None, ids.clone())
+    assert out.routing[:3] == [None, None, None] and len(out.routing) == 5
+    assert set(out.part_losses) == {"aux_llm", "z_llm"} and torch.isfinite(out.loss)
 
 
 def test_config_needs_room_for_text_after_the_image():

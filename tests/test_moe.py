@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from model import LLMConfig, MLP as SwiGLUMLP
 from moe import (GELUExperts, MoEConfig, MoELayer, SwiGLUExperts, dispatch_loop, dispatch_sorted,
                  expert_capacity, gate_weights, grouped_linear, keep_within_capacity, load_balancing_loss,
-                 router_logits, router_z_loss, top_k_routing)
+                 load_balancing_loss_per_sample, router_logits, router_z_loss, top_k_routing)
 from vision import MLP as GELUMLP
 
 DIM, HIDDEN = 16, 24
@@ -132,6 +132,32 @@ def test_balance_loss_gradient_pushes_probability_away_from_busy_experts():
     load_balancing_loss(probs, top1, 4).backward()
     ce = torch.tensor([5, 2, 1, 0]) / 8
     torch.testing.assert_close(probs.grad, (4 * ce / 8).expand(8, 4))
+
+
+def test_per_sample_balance_loss_is_the_mean_of_each_sample_s_own_loss():
+    """CuMo's form: each image's patches balanced on their own, then averaged over the images."""
+    torch.manual_seed(0)
+    probs, top1 = torch.rand(12, 4).softmax(-1), torch.randint(0, 4, (12,))
+    sample = torch.tensor([0] * 5 + [2] * 7)  # sample 1 has no tokens (all padding): it is left out
+    expected = (load_balancing_loss(probs[:5], top1[:5], 4) + load_balancing_loss(probs[5:], top1[5:], 4)) / 2
+    torch.testing.assert_close(load_balancing_loss_per_sample(probs, top1, sample, 4), expected)
+    # one sample: the batch-wide loss; per-sample balance is stricter than the batch's
+    torch.testing.assert_close(load_balancing_loss_per_sample(probs, top1, torch.zeros(12, dtype=torch.long), 4),
+                               load_balancing_loss(probs, top1, 4))
+    halves = torch.tensor([0] * 6 + [1] * 6)
+    split = F.one_hot(torch.tensor([0] * 6 + [1] * 6), 4).float()  # each sample on one expert, the batch balanced
+    assert load_balancing_loss(split, halves, 4) < load_balancing_loss_per_sample(split, halves, halves, 4)
+
+
+def test_moe_layer_balances_per_sample_when_asked():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(balance_per_sample=True, drop_tokens=False), GELUExperts(4, DIM, HIDDEN, DIM))
+    x, mask = torch.randn(3, 7, DIM), torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    _, stats = layer(x, token_mask=mask)
+    logits = layer.router(x).float()
+    per = [load_balancing_loss(logits[b][mask[b]].softmax(-1), logits[b][mask[b]].argmax(-1), 4) for b in range(3)]
+    torch.testing.assert_close(stats.balance_loss, sum(per) / 3)
 
 
 def test_router_z_loss_is_mean_squared_logsumexp():

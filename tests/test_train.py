@@ -82,7 +82,9 @@ def initial_state(stage, out):
     vlm = VLM(VLMConfig.from_dict(prev["model_config"]))
     vlm.load_state_dict(load_state(out, stage - 1)["model"])
     if stage == 3:
-        vlm.upcycle_to_moe("sparse", VLMConfig.from_dict(meta["model_config"]).llm.moe)
+        t, config = meta["train_config"], VLMConfig.from_dict(meta["model_config"])
+        vlm.upcycle_to_moe(t["moe_layers"], config.vision.moe if t["vision_moe_layers"] else config.llm.moe,
+                           t["vision_moe_layers"], t["projector_moe"])
     return vlm.state_dict()
 
 
@@ -96,6 +98,7 @@ def initial_state(stage, out):
     (2, ["--stage2_train_vit=true"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
     (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
     (3, ["--train_projector_stage3=false"], r"llm\.blocks\.\d+\.ffn\.(experts|router)"),
+    (3, ["--recipe=cumo"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
 ])
 def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, extra, trained):
     out, data_dir, _ = pipeline
@@ -112,7 +115,7 @@ def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, ext
 
 # stage III with router noise: then the restored RNG state matters too
 @pytest.mark.parametrize("stage, extra", [(0, ["--stage0_objective=both"]), (2, ["--grad_accum=2"]),
-                                          (3, ["--moe.router_noise=0.5"])])
+                                          (3, ["--moe.router_noise=0.5"]), (3, ["--recipe=cumo"])])
 def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra):
     out, data_dir, _ = pipeline
     for name in ("straight", "resumed"):
@@ -237,6 +240,58 @@ def test_set_trainable_marks_each_stage_s_parameters():
         for name, p in vlm.named_parameters():
             moe = ".ffn.experts." in name or ".ffn.router." in name
             assert p.requires_grad == (moe or (projector and name.startswith("projector."))), name
+
+
+def test_stage3_of_cumo_trains_everything_the_vlm_runs():
+    vlm = VLM(PRESETS["tiny"])
+    vlm.upcycle_to_moe("", MoEConfig(), vision_moe_layers="all", projector_moe=True)
+    train.set_trainable(3, vlm, train.TrainConfig(stage3_train="all"))
+    unused = ("vision.blocks.3.", "vision.norm.")  # after the selected layer: they feed nothing
+    for name, p in vlm.named_parameters():
+        assert p.requires_grad == (not name.startswith(unused)), name
+    train.set_trainable(3, vlm, train.TrainConfig(train_projector_stage3=False))  # "moe": the experts, anywhere
+    for name, p in vlm.named_parameters():
+        assert p.requires_grad == ("experts." in name or "router." in name), name  # ViT blocks', the projector's
+
+
+def test_a_recipe_sets_its_defaults_the_command_line_overrides_them_and_later_stages_keep_it(tmp_path):
+    _, config, nested = train.parse_args(["--stage", "all", "--recipe=cumo", "--moe_layers=sparse",
+                                          "--moe.aux_loss_coef=0.05"])
+    assert (config.recipe, config.vision_moe_layers, config.projector_moe, config.stage3_train) == \
+        ("cumo", "all", True, "all")
+    assert config.moe_layers == "sparse" and config.stage2_train_vit  # mixed: experts in the ViT and the LLM
+    assert nested["moe"] == {"aux_loss_coef": 0.05, "z_loss_coef": 0.01, "drop_tokens": False,
+                             "balance_per_sample": True, "aux_over_layers": "mean"}
+    _, default, nested = train.parse_args(["--stage", "3"])
+    assert (default.recipe, default.moe_layers, default.vision_moe_layers, nested["moe"]) == ("moe-llava", "sparse",
+                                                                                             "", {})
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "meta.json").write_text(json.dumps({"train_config": {"preset": "tiny", "recipe": "cumo"}}))
+    _, kept, _ = train.parse_args(["--stage", "3", "--out_dir", str(tmp_path)])
+    assert kept.recipe == "cumo" and kept.vision_moe_layers == "all"
+    with pytest.raises(SystemExit, match="--recipe=moe is not one of"):
+        train.parse_args(["--stage", "3", "--recipe=moe"])
+    with pytest.raises(SystemExit, match="--stage3_train=some must be moe or all"):
+        train.parse_args(["--stage", "3", "--stage3_train=some"])
+
+
+def test_cumo_stage3_co_upcycles_the_vision_side_and_logs_each_loss(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage2", tmp_path / "stage2")
+    run(tmp_path, "--stage", "3", "--recipe=cumo", "--max_iters=2", data_dir=data_dir)
+    meta = json.loads((tmp_path / "stage3" / "meta.json").read_text())
+    model = meta["model_config"]
+    assert (model["llm"]["moe_layers"], model["vision"]["moe_layers"]) == ("", "all")
+    assert model["projector_moe"]["aux_loss_coef"] == 0.1 and model["vision"]["moe"]["balance_per_sample"]
+    log = [json.loads(line) for line in (tmp_path / "stage3" / "log.jsonl").read_text().splitlines()]
+    # at step 0 the co-upcycled ViT and projector compute what stage II's dense ones did
+    assert log[0]["val_ce"] == pytest.approx(meta["stage2_final_val_ce"], abs=1e-5)
+    for name in ("aux_vision", "z_vision", "aux_projector", "z_projector"):
+        assert log[0][f"val_{name}"] > 0 and any(name in r for r in log if "lr" in r), name
+    routing = next(r for r in log if "routing" in r)["routing"]
+    assert [(r["part"], r["layer"]) for r in routing] == [("vision", 0), ("projector", 0)]
+    text, image = routing[0]["top1_text_image"]
+    assert sum(image) > 0 and sum(text) == 0  # the ViT routes image tokens only
 
 
 def test_a_stage_that_trains_the_vit_gives_it_a_scaled_learning_rate(pipeline, tmp_path):

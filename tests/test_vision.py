@@ -3,7 +3,8 @@ that pretrain the ViT (contrastive, captioning)."""
 import pytest
 import torch
 
-from vision import VIT_PRESETS, CaptionHead, PretrainHead, ViT, ViTConfig, build_projector
+from moe import MoEConfig, MoELayer
+from vision import MLP, VIT_PRESETS, CaptionHead, PretrainHead, ViT, ViTConfig, build_projector, upcycle_projector
 
 CFG = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=4)
 
@@ -141,3 +142,45 @@ def test_the_pretraining_head_returns_one_loss_per_objective(objective, names):
     assert head.names == names and tuple(losses) == names and all(v.ndim == 0 for v in losses.values())
     with pytest.raises(ValueError, match="choose one of contrastive, caption, both"):
         PretrainHead("masked", 50, 12, CFG)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CuMo: MoE blocks in the ViT and the projector, co-upcycled
+
+
+def test_vit_moe_placement_counts_only_the_blocks_in_use():
+    assert ViTConfig(layers=4, select_layer=-2, moe_layers="all").moe_blocks == [0, 1, 2]  # block 3 feeds nothing
+    assert ViTConfig(layers=4, select_layer=-1, moe_layers="sparse").moe_blocks == [0, 2]
+    assert ViTConfig(layers=4).moe_blocks == []
+    with pytest.raises(ValueError, match="0..2"):
+        ViTConfig(layers=4, select_layer=-2, moe_layers="3")
+
+
+def test_upcycled_vit_computes_what_the_dense_vit_computed():
+    model = vit(stem="conv")
+    pixels = torch.randn(3, 3, 32, 32)
+    before = model(pixels)
+    model.upcycle_to_moe("all", MoEConfig(drop_tokens=False, balance_per_sample=True))
+    assert [b.is_moe for b in model.blocks] == [True, True, False]  # blocks 0 and 1 of 3 are in use
+    after, routing = model.features(pixels)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)  # fp32: exactly the dense ViT
+    assert len(routing) == 2 and routing[0].expert_index.shape == (3, 1 + 16, 2)  # the class token is routed too
+    assert routing[0].top1_counts[1].sum() == 3 * 17  # every token of the ViT counts as an image token
+    with pytest.raises(ValueError, match="already have an MoE MLP"):
+        model.upcycle_to_moe("0", MoEConfig())
+
+
+def test_upcycled_projector_computes_what_the_dense_projector_computed():
+    torch.manual_seed(0)
+    dense = build_projector("mlp2x_gelu", 32, 48)
+    moe = upcycle_projector(dense, MoEConfig(drop_tokens=False))
+    features = torch.randn(2, 16, 32)
+    out, stats = moe(features)
+    torch.testing.assert_close(out, dense(features), atol=1e-6, rtol=1e-5)
+    assert isinstance(moe, MoELayer) and all(torch.equal(w, dense.fc1.weight) for w in moe.experts.fc1_weight)
+    with pytest.raises(ValueError, match="mlp2x_gelu"):
+        upcycle_projector(build_projector("linear", 32, 48), MoEConfig())
+    with pytest.raises(ValueError, match="mlp2x_gelu"):
+        build_projector("linear", 32, 48, MoEConfig())
+    assert isinstance(build_projector("mlp2x_gelu", 32, 48, MoEConfig()), MoELayer)
+    assert isinstance(build_projector("mlp2x_gelu", 32, 48), MLP)
