@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import MoEConfig, MoELayer, SwiGLUExperts, moe_layer_indices
+from moe import LoRA, LoRASwiGLUExperts, MoEConfig, MoELayer, SwiGLUExperts, moe_layer_indices
 from vision import VIT_PRESETS, ViT, ViTConfig, build_projector, upcycle_projector
 
 IGNORE_INDEX = -100  # label of positions that are not supervised (image, prompt, padding): F.cross_entropy skips it
@@ -53,11 +53,35 @@ class LLMConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding matrix (GPT-2)
     moe_layers: str = ""  # "" = dense model; else a MoE-LLaVA moe_mode or an explicit list such as "0,2,5"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora_targets: str = ""  # plain LoRA on every block's "attention" and/or "mlp" matrices (frozen base)
+    mole_layers: str = ""  # blocks whose FFN is a MoLE layer: moe.num_experts LoRA experts on it (LLaVA-MoLE)
+    lora_rank: int = 8  # the rank r of every LoRA update (LLaVA-MoLE: 32)
+    lora_alpha: float = 16.0  # updates are scaled by alpha / r (LLaVA-MoLE: 64 / 32)
+    lora_dropout: float = 0.0  # dropout on a LoRA update's input (LLaVA-MoLE: 0.05)
 
     def __post_init__(self):
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise ValueError(f"LLMConfig: dim={self.dim} must split into n_head={self.n_head} heads of even size")
         moe_layer_indices(self.moe_layers, self.n_layer)  # fail early on a bad placement
+        mole = moe_layer_indices(self.mole_layers, self.n_layer)
+        targets = self.lora_target_set
+        if not targets <= {"attention", "mlp"}:
+            raise ValueError(f"LLMConfig: lora_targets={self.lora_targets!r}: choose attention, mlp or attention,mlp")
+        if mole and (self.moe_layers or "mlp" in targets):
+            raise ValueError("LLMConfig: a MoLE FFN (mole_layers) cannot also be an MoE FFN (moe_layers) or carry "
+                             "plain LoRA (lora_targets=mlp)")
+        if (mole or targets) and self.lora_rank < 1:
+            raise ValueError(f"LLMConfig: lora_rank={self.lora_rank} must be at least 1")
+
+    @property
+    def lora_target_set(self):
+        return {t.strip() for t in self.lora_targets.split(",") if t.strip()}
+
+    @property
+    def routed_layers(self):
+        """The blocks whose FFN has a router: MoE layers and MoLE layers."""
+        return sorted(set(moe_layer_indices(self.moe_layers, self.n_layer)) |
+                      set(moe_layer_indices(self.mole_layers, self.n_layer)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,6 +207,35 @@ class Block(nn.Module):
         return x + out, stats
 
 
+def add_lora(block, config: LLMConfig, mole: bool):
+    """Give a block its LoRA (Hu et al., arXiv 2106.09685; LLaVA-MoLE, arXiv 2401.16160): plain LoRA on the
+    attention projections and/or the FFN's matrices, and, if `mole`, an FFN of LoRA experts with a router. The
+    base weights stay and are frozen; B starts at zero, so the block still computes what it did."""
+    lora = lambda linear: LoRA(linear, config.lora_rank, config.lora_alpha, config.lora_dropout)  # noqa: E731
+    if "attention" in config.lora_target_set:
+        block.attn.qkv, block.attn.o_proj = lora(block.attn.qkv), lora(block.attn.o_proj)  # (q, k, v share A)
+    if mole:
+        experts = LoRASwiGLUExperts(block.ffn, config.moe.num_experts, config.lora_rank, config.lora_alpha,
+                                    config.lora_dropout)
+        block.ffn = MoELayer(config.moe, experts)
+    elif "mlp" in config.lora_target_set:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.ffn, name, lora(getattr(block.ffn, name)))
+
+
+def merge_lora(module):
+    """Fold every plain LoRA inside module into its base nn.Linear, for inference (W + (alpha / r) B A): the
+    merged model computes what the unmerged one did. A MoLE layer cannot be merged -- which expert's update
+    applies depends on the token -- and stays as it is; returns how many LoRAs were merged."""
+    merged = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRA):
+                setattr(parent, name, child.merge())
+                merged += 1
+    return merged
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The LLM
 
@@ -267,6 +320,10 @@ class LLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self)
+        mole_blocks = set(moe_layer_indices(config.mole_layers, config.n_layer))
+        for i, block in enumerate(self.blocks):  # after init_weights: LoRA's B must stay zero
+            if config.lora_targets or i in mole_blocks:
+                add_lora(block, config, i in mole_blocks)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, image_mask=None, cache=None,
                 dropless=False):
@@ -353,6 +410,18 @@ class LLM(nn.Module):
             self.blocks[i].ffn = MoELayer.upcycle(self.blocks[i].ffn, moe_config, SwiGLUExperts)
         self.config = replace(self.config, moe_layers=moe_layers, moe=moe_config)
 
+    def add_lora(self, lora_targets, mole_layers, moe_config: MoEConfig, rank=8, alpha=16.0, dropout=0.0):
+        """LLaVA-MoLE's stage: plain LoRA on lora_targets, LoRA experts (moe_config: how many, top-k) on the FFNs of
+        mole_layers, on this frozen model. At the start it computes exactly what it computed before."""
+        if self.config.lora_targets or self.config.mole_layers:
+            raise ValueError("this LLM already has LoRA; add it to a model without")
+        config = replace(self.config, lora_targets=lora_targets, mole_layers=mole_layers, lora_rank=rank,
+                         lora_alpha=alpha, lora_dropout=dropout, moe=moe_config if mole_layers else self.config.moe)
+        mole = set(moe_layer_indices(mole_layers, config.n_layer))
+        for i, block in enumerate(self.blocks):
+            add_lora(block, config, i in mole)
+        self.config = config
+
 
 def param_counts(model):
     """Total, trainable, and active-per-token parameters (an MoE layer only runs k of its E experts per token)."""
@@ -362,7 +431,8 @@ def param_counts(model):
     for module in model.modules():
         if isinstance(module, MoELayer):
             cfg = module.config
-            expert_params = sum(p.numel() for p in module.experts.parameters())
+            own = getattr(module.experts, "expert_parameters", module.experts.parameters)  # LoRA experts: not the base
+            expert_params = sum(p.numel() for p in own())
             inactive += expert_params * (cfg.num_experts - cfg.top_k) // cfg.num_experts
     return {"total": total, "trainable": trainable, "active": total - inactive}
 
@@ -419,10 +489,16 @@ MOE_PARTS = ("vision", "projector", "llm")  # where a VLM can hold MoE layers, i
 
 
 def part_moe_losses(routing, config: MoEConfig):
-    """One part's balancing and z-losses from its MoE layers' RoutingStats: summed over the layers (MoE-LLaVA)
-    or averaged (CuMo: the ViT's layers are averaged, so its weight does not grow with its depth)."""
-    combine = (lambda xs: sum(xs) / len(xs)) if config.aux_over_layers == "mean" else sum
-    return combine([s.balance_loss for s in routing]), combine([s.z_loss for s in routing])
+    """One part's balancing and z-losses from its MoE layers' RoutingStats: summed over the layers (MoE-LLaVA),
+    averaged (CuMo: the ViT's layers are averaged, so its weight does not grow with its depth), or pooled
+    (LLaVA-MoLE: one balancing loss of every layer's routing decisions together, E * sum_e mean_l(me) mean_l(ce);
+    a layer may then lean on an expert that another layer leaves idle)."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    z = (mean if config.aux_over_layers != "sum" else sum)([s.z_loss for s in routing])
+    if config.aux_over_layers == "pooled":
+        me, ce = mean([s.prob_mean for s in routing]), mean([s.top1_share for s in routing])
+        return config.num_experts * (me * ce).sum(), z
+    return (mean if config.aux_over_layers == "mean" else sum)([s.balance_loss for s in routing]), z
 
 
 class VLM(nn.Module):
@@ -444,7 +520,7 @@ class VLM(nn.Module):
         projector (layer 0), the LLM's blocks."""
         return ([("vision", i) for i in self.config.vision.moe_blocks]
                 + ([("projector", 0)] if isinstance(self.projector, MoELayer) else [])
-                + [("llm", i) for i in moe_layer_indices(self.config.llm.moe_layers, self.config.llm.n_layer)])
+                + [("llm", i) for i in self.config.llm.routed_layers])
 
     def moe_config(self, part):
         return {"vision": self.config.vision.moe, "projector": self.config.projector_moe,
@@ -523,6 +599,11 @@ class VLM(nn.Module):
             self.projector = upcycle_projector(self.projector, moe_config)
         self.config = replace(self.config, llm=self.llm.config, vision=self.vision.config,
                               projector_moe=moe_config if projector_moe else self.config.projector_moe)
+
+    def add_lora(self, lora_targets, mole_layers, moe_config: MoEConfig, rank=8, alpha=16.0, dropout=0.0):
+        """LLaVA-MoLE's stage: LoRA on the frozen LLM (see LLM.add_lora)."""
+        self.llm.add_lora(lora_targets, mole_layers, moe_config, rank, alpha, dropout)
+        self.config = replace(self.config, llm=self.llm.config)
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kwargs):

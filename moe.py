@@ -12,8 +12,9 @@ Read it top to bottom:
   1b. placement                      moe_layer_indices: which blocks of a stack get an MoE FFN
   3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), its per-sample form (CuMo),
                                      router_z_loss (ST-MoE)
-  4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP);
-                                     each computes one expert (readable) or all experts at once (grouped)
+  4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP,
+                                     LoRA updates of one frozen FFN); each computes one expert (readable) or
+                                     all experts at once (grouped); LoRA itself, the form's building block
   5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul);
                                      kernels/ holds the same as an optional CUDA extension (dispatch="cuda");
                                      dispatch_expert_parallel: the experts spread over ranks (all_to_all)
@@ -21,6 +22,7 @@ Read it top to bottom:
   7. upcycling                       MoELayer.upcycle: every expert a copy of a trained dense FFN
 
 Sources: MoE-LLaVA (arXiv 2401.15947) and DeepSpeed's `top2gating`; Switch Transformer (arXiv 2101.03961);
+CuMo (arXiv 2405.05949) for the per-image balancing loss; LoRA (arXiv 2106.09685) and LLaVA-MoLE (2401.16160);
 ST-MoE (arXiv 2202.08906) for the z-loss; MegaBlocks (arXiv 2211.15841) for sort + grouped GEMM; sparse
 upcycling (arXiv 2212.05055). The formulas and hyperparameters we rely on, in our words: docs/reference.md.
 """
@@ -53,7 +55,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # weight of the balancing loss (MoE-LLaVA 0.01; CuMo 0.1)
     z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE 1e-3; CuMo 0.01; MoE-LLaVA none)
     balance_per_sample: bool = False  # balancing loss per sample (image), then averaged (CuMo); else batch-wide
-    aux_over_layers: str = "sum"  # a part's MoE layers' losses: sum (MoE-LLaVA) or mean (CuMo) over its layers
+    aux_over_layers: str = "sum"  # a part's MoE layers' losses: sum (MoE-LLaVA), mean (CuMo) or pooled (MoLE)
     dispatch: str = "sorted"  # "loop": the readable reference; "sorted": sort + grouped matmul; "cuda"/"auto": kernels/
 
     def __post_init__(self):
@@ -63,8 +65,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: dispatch={self.dispatch!r} is not one of {DISPATCH_MODES}")
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError("MoEConfig: capacity factors must be > 0 (set drop_tokens=False for a dropless MoE)")
-        if self.aux_over_layers not in ("sum", "mean"):
-            raise ValueError(f"MoEConfig: aux_over_layers={self.aux_over_layers!r} must be 'sum' or 'mean'")
+        if self.aux_over_layers not in ("sum", "mean", "pooled"):
+            raise ValueError(f"MoEConfig: aux_over_layers={self.aux_over_layers!r} must be sum, mean or pooled")
 
 
 def moe_layer_indices(moe_layers, n_layer):
@@ -318,6 +320,96 @@ class GELUExperts(nn.Module):
         return experts
 
 
+# LoRA (Hu et al., arXiv 2106.09685): a frozen matrix W and a trainable low-rank update, W x + (alpha / r) B A x,
+# A random and B zero, so that training starts exactly at the base model. LLaVA-MoLE (arXiv 2401.16160) makes the
+# update an expert: K LoRA updates of one frozen FFN, and a router that picks one per token.
+
+
+def lora_pair(num, rank, in_dim, out_dim):
+    """num stacked LoRA pairs: A (num, r, in) as nn.Linear initialises a weight (Kaiming-uniform), B (num, out, r)
+    zero -- so B A = 0 at the start (Hu et al. §4.1)."""
+    A = torch.empty(num, rank, in_dim)
+    for a in A:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.Parameter(A), nn.Parameter(torch.zeros(num, out_dim, rank))
+
+
+class LoRA(nn.Module):
+    """A frozen nn.Linear with one LoRA update: base(x) + (alpha / r) B A dropout(x). merge() folds it back."""
+
+    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__()
+        self.base, self.scale, self.dropout = base, alpha / rank, nn.Dropout(dropout)
+        A, B = lora_pair(1, rank, base.in_features, base.out_features)
+        self.A, self.B = nn.Parameter(A[0].to(base.weight)), nn.Parameter(B[0].to(base.weight))  # (r, in), (out, r)
+        base.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(self.dropout(x), self.A), self.B)
+
+    @torch.no_grad()
+    def merge(self):
+        """The plain nn.Linear this computes at inference: W + (alpha / r) B A (dropout is off at inference)."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        merged.to(self.base.weight)
+        merged.weight.copy_(self.base.weight + self.scale * self.B @ self.A)
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
+
+
+class LoRASwiGLUExperts(nn.Module):
+    """E LoRA experts on one frozen SwiGLU FFN (LLaVA-MoLE): expert e is the FFN with each of its three matrices W
+    replaced by W + (alpha / r) B_e A_e, so the down update acts on silu(gate_e(x)) * up_e(x), as MoLE's code does.
+    The base FFN is shared and frozen; only the stacked A's (E, r, in) and B's (E, out, r) are the experts' own.
+    A MoLE layer is MoELayer(config, LoRASwiGLUExperts(ffn, E)): routing, balancing loss and statistics are
+    MoELayer's. With top-1 and renormalised gates the chosen expert's output is not scaled by its probability,
+    as in MoLE's top-1 path. Unlike plain LoRA it cannot be merged into the base weights: which update applies
+    depends on the token."""
+
+    MATRICES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, mlp, num_experts, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__()
+        self.base = mlp  # model.MLP: nn.Linear gate_proj, up_proj, down_proj
+        hidden_dim, dim = mlp.gate_proj.weight.shape
+        self.num_experts, self.in_dim, self.out_dim = num_experts, dim, dim
+        self.scale, self.dropout = alpha / rank, nn.Dropout(dropout)
+        for name in self.MATRICES:
+            base = getattr(mlp, name)
+            base.weight.requires_grad_(False)
+            A, B = lora_pair(num_experts, rank, base.in_features, base.out_features)
+            setattr(self, f"{name}_A", nn.Parameter(A.to(base.weight)))
+            setattr(self, f"{name}_B", nn.Parameter(B.to(base.weight)))
+
+    def linear(self, name, x, e=None, group_sizes=None, use_grouped_mm=False):
+        """One matrix with its LoRA update: of expert e on all rows, or of each expert on its group of rows."""
+        A, B, h = getattr(self, f"{name}_A"), getattr(self, f"{name}_B"), self.dropout(x)
+        if e is not None:
+            delta = F.linear(F.linear(h, A[e]), B[e])
+        else:
+            delta = grouped_linear(grouped_linear(h, A, group_sizes, use_grouped_mm), B, group_sizes, use_grouped_mm)
+        return getattr(self.base, name)(x) + self.scale * delta
+
+    def forward_one(self, e, x):
+        h = F.silu(self.linear("gate_proj", x, e)) * self.linear("up_proj", x, e)
+        return self.linear("down_proj", h, e)
+
+    def forward_grouped(self, x, group_sizes, use_grouped_mm=False):
+        h = F.silu(self.linear("gate_proj", x, None, group_sizes, use_grouped_mm)) * \
+            self.linear("up_proj", x, None, group_sizes, use_grouped_mm)
+        return self.linear("down_proj", h, None, group_sizes, use_grouped_mm)
+
+    def weights(self):
+        """The stacked matrices, for grouped_mm_serves' alignment check."""
+        return tuple(getattr(self, f"{name}_{ab}") for name in self.MATRICES for ab in "AB")
+
+    def expert_parameters(self):
+        """The experts' own parameters (the shared base FFN is not one of them): what param_counts counts as
+        expert parameters, of which k of E are active per token."""
+        return list(self.weights())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Dispatch: run each token through its chosen experts and combine. Two paths, one interface:
 #    (x (N, in), experts, expert_index (N, k), weights (N, k), keep (N, k)) -> (N, out)
@@ -478,6 +570,8 @@ class RoutingStats:
     top1_counts: torch.Tensor  # (2, E) first choices per expert; row 0 text, row 1 image
     dropped: torch.Tensor  # scalar: assignments dropped for lack of capacity
     expert_index: torch.Tensor  # (..., k) the chosen experts at every position, -1 at padding (for pathway plots)
+    prob_mean: torch.Tensor = None  # (E,) mean router probability per expert over the real tokens (differentiable)
+    top1_share: torch.Tensor = None  # (E,) share of the real tokens whose first choice is each expert
 
 
 class MoELayer(nn.Module):
@@ -506,6 +600,9 @@ class MoELayer(nn.Module):
 
     def shard_experts(self, group):
         """Keep only this rank's E / ep experts (expert parallelism over `group`); the router stays whole."""
+        if isinstance(self.experts, LoRASwiGLUExperts):
+            raise ValueError("LoRA experts are not spread over ranks (--ep_size): they share one frozen FFN and are "
+                             "small enough to sit whole on every rank; train them with plain data parallelism")
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.config.num_experts % ep:
             raise ValueError(f"ep_size={ep} must divide num_experts={self.config.num_experts}")
@@ -567,6 +664,9 @@ class MoELayer(nn.Module):
             top1_counts=self._count_by_modality(expert_index[:, :1], is_image[real]),
             dropped=(~keep).sum(),
             expert_index=chosen.view(*lead_shape, cfg.top_k),
+            prob_mean=probs.mean(0) if probs.shape[0] else probs.sum(0),
+            top1_share=torch.bincount(expert_index[:, 0], minlength=cfg.num_experts).to(probs.dtype) /
+            max(probs.shape[0], 1),
         )
         return y.view(*lead_shape, self.experts.out_dim), stats
 

@@ -6,6 +6,7 @@ train.py -- MoE-Tuning: the stages that turn a ViT and a small LLM into a sparse
     python train.py --stage 2 --resume          # continue an interrupted stage II exactly where it stopped
     python train.py --stage 3 --moe.num_experts=8 --moe.top_k=1 --moe_layers=dense   # any config field
     python train.py --stage all --recipe=cumo   # CuMo: experts in the ViT and the projector, not the LLM
+    python train.py --stage all --recipe=mole   # LLaVA-MoLE: LoRA experts on a frozen LLM in stage III
     python train.py --help                      # every option, with its default
     torchrun --standalone --nproc_per_node=8 train.py --stage all --preset small --global_batch=256   # 8 GPUs
 
@@ -36,6 +37,12 @@ docs/reference.md):
   the auxiliary losses alone, though its output is never read -- we leave that block out. A recipe only sets
   defaults (RECIPES): --recipe=cumo --moe_layers=sparse puts experts in the ViT, the projector and the LLM.
 
+--recipe=mole trains LLaVA-MoLE (arXiv 2401.16160): stages 0-II as above; stage III freezes the whole model and
+  trains LoRA alone: rank-8 LoRA on every block's attention projections (q, k and v share one A: our attention
+  has one fused qkv matrix), and in every FFN 3 LoRA experts -- each a LoRA update of the gate, up and down
+  matrices -- with a top-1 router; loss = CE + 0.01 x one balancing loss pooled over the layers. Plain LoRA is
+  --recipe=mole --mole_layers= --lora_targets=attention,mlp, and model.merge_lora folds it into the weights.
+
 Each stage reads {out_dir}/stage{N-1}/ckpt.pt and writes {out_dir}/stage{N}/: ckpt.pt (model, optimizer, RNG, and
 the metadata as JSON), meta.json (a readable copy of the metadata), log.jsonl, and the tokenizer.
 Devices: CUDA (bf16 autocast) when present, else CPU in fp32; --device=cpu forces the CPU. Under torchrun each
@@ -62,7 +69,7 @@ import data as D
 import parallel as P
 from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss,
                    param_counts, save_checkpoint, write_meta)
-from moe import MoEConfig, MoELayer
+from moe import LoRA, LoRASwiGLUExperts, MoEConfig, MoELayer
 from vision import PretrainHead, ViTConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,11 +111,16 @@ class TrainConfig:
     log_interval: int = 10  # steps between log.jsonl lines
     routing_interval: int = 50  # steps between per-expert token counts in stage III's log
     ckpt_interval: int = 200  # steps between checkpoints (also at the end)
-    recipe: str = "moe-llava"  # moe-llava (experts in the LLM) or cumo (in the ViT and projector): sets the 6 below
+    recipe: str = "moe-llava"  # moe-llava (experts in the LLM), cumo (in the ViT, projector) or mole (LoRA experts)
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
     vision_moe_layers: str = ""  # stage III: which ViT MLPs become MoE layers (CuMo: all; as moe_layers)
     projector_moe: bool = False  # stage III: the mlp2x_gelu projector becomes an MoE of its copies (CuMo)
-    stage3_train: str = "moe"  # stage III trains: moe (the MoE layers and the projector: MoE-LLaVA) or all (CuMo)
+    stage3_train: str = "moe"  # stage III trains: moe (MoE layers, projector: MoE-LLaVA), all (CuMo), lora (MoLE)
+    lora_targets: str = ""  # stage III: plain LoRA on every LLM block's attention and/or mlp matrices
+    mole_layers: str = ""  # stage III: LLM blocks whose FFN gets LoRA experts and a router (LLaVA-MoLE: all)
+    lora_rank: int = 8  # stage III: rank of every LoRA update (LLaVA-MoLE: 32, for LLMs of billions)
+    lora_alpha: float = 16.0  # stage III: LoRA updates are scaled by alpha / rank (LLaVA-MoLE: 64 / 32)
+    lora_dropout: float = 0.0  # stage III: dropout on a LoRA update's input (LLaVA-MoLE: 0.05)
     ep_size: int = 1  # stage III: spread each MoE layer's experts over this many ranks (expert parallelism)
     train_projector_stage3: bool = True  # the official stage III leaves the projector trainable
     stage1_train_llm: bool = True  # departs from MoE-LLaVA (LLM frozen in stage I): our young LLM must learn to read
@@ -137,6 +149,11 @@ RECIPES = {
                        "stage2_train_vit": True, "stage3_train": "all"},
              "moe": {"aux_loss_coef": 0.1, "z_loss_coef": 0.01, "drop_tokens": False, "balance_per_sample": True,
                      "aux_over_layers": "mean"}},
+    # LLaVA-MoLE (arXiv 2401.16160): stage III keeps the whole model frozen and trains LoRA alone: plain LoRA on
+    # the attention projections, and in every block's FFN 3 LoRA experts with a top-1 router; the balancing loss
+    # pools every layer's routing.
+    "mole": {"train": {"moe_layers": "", "mole_layers": "all", "lora_targets": "attention", "stage3_train": "lora"},
+             "moe": {"num_experts": 3, "top_k": 1, "drop_tokens": False, "aux_over_layers": "pooled"}},
 }
 STAGES = (0, 1, 2, 3)
 # what decides the batches and the schedule: --resume continues a stage only if these are unchanged
@@ -199,8 +216,11 @@ def build_model(stage, config, nested, own, prev, tokenizer):
         if own is None and prev is not None:
             vlm.load_state_dict(prev["model"])
             if stage == 3:
-                vlm.upcycle_to_moe(config.moe_layers, replace(vlm_config.llm.moe, **nested["moe"]),
-                                   config.vision_moe_layers, config.projector_moe)
+                moe = replace(vlm_config.llm.moe, **nested["moe"])
+                vlm.upcycle_to_moe(config.moe_layers, moe, config.vision_moe_layers, config.projector_moe)
+                if config.lora_targets or config.mole_layers:
+                    vlm.add_lora(config.lora_targets, config.mole_layers, moe, config.lora_rank, config.lora_alpha,
+                                 config.lora_dropout)
     except ValueError as e:  # an impossible config: the dataclass says which field, and why
         raise SystemExit(f"error: {e}") from None
     if own is not None:
@@ -219,8 +239,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
 
 def set_trainable(stage, vlm, config):
     """Freeze everything, then unfreeze what this stage trains; the optimizer gets exactly these parameters.
-    Stage III trains what upcycling made, the experts and the routers (MoE-LLaVA), or everything the VLM runs
-    (--stage3_train=all, CuMo). Returns the trained names."""
+    Stage III trains what upcycling made, the experts and the routers (MoE-LLaVA), everything the VLM runs
+    (--stage3_train=all, CuMo), or LoRA alone (--stage3_train=lora, LLaVA-MoLE). Returns the trained names."""
     for p in vlm.parameters():
         p.requires_grad_(False)
     if stage == 0:  # the projector waits for stage I; captioning alone reads no ViT part past the selected layer
@@ -231,6 +251,10 @@ def set_trainable(stage, vlm, config):
         trained = [vlm.llm, vlm.projector] + (vision_in_use(vlm.vision) if config.stage2_train_vit else [])
     elif config.stage3_train == "all":
         trained = [vlm.llm, vlm.projector, *vision_in_use(vlm.vision)]
+    elif config.stage3_train == "lora":  # LLaVA-MoLE: the LoRA updates and the routers of the LoRA experts
+        trained = [p for m in vlm.modules() if isinstance(m, LoRA) for p in (m.A, m.B)]
+        trained += [p for m in vlm.modules() if isinstance(m, MoELayer) and isinstance(m.experts, LoRASwiGLUExperts)
+                    for p in (m.router.weight, *m.experts.expert_parameters())]
     else:
         trained = [m for m in vlm.modules() if isinstance(m, MoELayer)]  # experts and routers, wherever they are
         if config.train_projector_stage3:
@@ -630,7 +654,7 @@ def validate_and_log(st, step, config, rt, say):
     before = st.stage2_final_val_ce if step == 0 else None
     if before is not None:
         st.meta["stage2_final_val_ce"] = before
-        line += f"  (stage II ended at val_ce {before:.4f}; upcycling must not change it)"
+        line += f"  (stage II ended at val_ce {before:.4f}; what stage III adds (experts, LoRA) must not change it)"
     say(f"stage {st.number} step {step}: {line}")
 
 
@@ -762,8 +786,8 @@ def keep_log_lines(path, upto_step):
 
 
 NESTED = {"llm": LLMConfig, "vision": ViTConfig, "moe": MoEConfig, "data": D.BuiltinConfig}
-NOT_OPTIONS = {"llm.vocab_size", "llm.moe_layers", "vision.moe_layers"}  # the tokenizer; --moe_layers and
-#                                                                         --vision_moe_layers at stage III
+NOT_OPTIONS = {"llm.vocab_size", "llm.moe_layers", "vision.moe_layers",  # the tokenizer; and set at stage III by
+               "llm.lora_targets", "llm.mole_layers", "llm.lora_rank", "llm.lora_alpha", "llm.lora_dropout"}  # ours
 
 
 def build_parser():
@@ -808,8 +832,8 @@ def parse_args(argv):
             nested[prefix][name] = value
     if args["projector"]:
         nested["projector"] = args["projector"]
-    if config.stage3_train not in ("moe", "all"):
-        raise SystemExit(f"error: --stage3_train={config.stage3_train} must be moe or all")
+    if config.stage3_train not in ("moe", "all", "lora"):
+        raise SystemExit(f"error: --stage3_train={config.stage3_train} must be moe, all or lora")
     if config.data_path and len(stages) > 1:
         raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
     if config.global_batch and given.get("grad_accum") not in (None, 1):

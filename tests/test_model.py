@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLM, PRESETS, VLM, LLMConfig, VLMConfig, apply_rotary,
-                   moe_layer_indices, param_counts, rotary_tables)
+                   merge_lora, moe_layer_indices, param_counts, rotary_tables)
 from moe import MoEConfig
 from vision import ViTConfig
 
@@ -283,6 +283,39 @@ def test_a_batch_without_images_runs_no_vision_moe_and_says_so():
     out = model(ids, None, ids.clone())
     assert out.routing[:3] == [None, None, None] and len(out.routing) == 5
     assert set(out.part_losses) == {"aux_llm", "z_llm"} and torch.isfinite(out.loss)
+
+
+def test_lora_and_mole_start_at_the_base_model_and_plain_lora_merges_into_it():
+    model = vlm()
+    batch = vlm_batch()
+    before = model(*batch).ce_loss
+    mole = MoEConfig(num_experts=3, top_k=1, drop_tokens=False, aux_over_layers="pooled")
+    model.add_lora("attention", "all", mole, rank=4, alpha=8.0)
+    out = model(*batch)
+    torch.testing.assert_close(out.ce_loss, before, atol=1e-6, rtol=1e-6)  # B = 0 everywhere: the base model
+    assert [p for p, _ in model.moe_layer_names()] == ["llm"] * 4 and len(out.routing) == 4
+    # LLaVA-MoLE's balancing loss pools the layers: E * sum_e (mean over layers of me_e) (mean of ce_e)
+    me = sum(s.prob_mean for s in out.routing) / 4
+    ce = sum(s.top1_share for s in out.routing) / 4
+    torch.testing.assert_close(out.aux_loss, 3 * (me * ce).sum())
+    assert all(int(s.top1_counts.sum()) == int(batch[3].sum()) for s in out.routing)  # every real token, once
+    rebuilt = VLM(VLMConfig.from_dict(asdict(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    # plain LoRA on attention and FFN, trained a little (B != 0), then merged: the same outputs, plain Linears
+    plain = vlm()
+    plain.add_lora("attention,mlp", "", MoEConfig(), rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(std=0.1)
+    plain.eval()
+    unmerged = plain(*batch).logits
+    assert merge_lora(plain) == 4 * 5  # per block: qkv, o_proj, gate, up, down
+    torch.testing.assert_close(plain(*batch).logits, unmerged, atol=1e-5, rtol=1e-5)
+    assert not any(name.endswith((".A", ".B")) for name, _ in plain.named_parameters())
+    assert merge_lora(model) == 4 * 2  # MoLE's FFN experts stay: which update applies depends on the token
+    with pytest.raises(ValueError, match="cannot also be an MoE FFN"):
+        LLMConfig(n_layer=2, moe_layers="dense", mole_layers="all")
 
 
 def test_config_needs_room_for_text_after_the_image():

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from model import LLMConfig, MLP as SwiGLUMLP
-from moe import (GELUExperts, MoEConfig, MoELayer, SwiGLUExperts, dispatch_loop, dispatch_sorted,
-                 expert_capacity, gate_weights, grouped_linear, keep_within_capacity, load_balancing_loss,
-                 load_balancing_loss_per_sample, router_logits, router_z_loss, top_k_routing)
+from moe import (GELUExperts, LoRA, LoRASwiGLUExperts, MoEConfig, MoELayer, SwiGLUExperts, dispatch_loop,
+                 dispatch_sorted, expert_capacity, gate_weights, grouped_linear, keep_within_capacity,
+                 load_balancing_loss, load_balancing_loss_per_sample, router_logits, router_z_loss, top_k_routing)
 from vision import MLP as GELUMLP
 
 DIM, HIDDEN = 16, 24
@@ -447,3 +447,73 @@ def test_integer_masks_mean_the_same_as_boolean_masks():
     y_bool, s_bool = layer(x, token_mask.bool(), image_mask.bool())
     torch.testing.assert_close(y_int, y_bool)
     assert torch.equal(s_int.expert_counts, s_bool.expert_counts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA, and LoRA experts on one frozen FFN (LLaVA-MoLE)
+
+
+def test_lora_starts_at_the_base_and_merges_into_what_it_computes():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(DIM, HIDDEN)
+    lora = LoRA(base, rank=4, alpha=8.0)
+    x = torch.randn(5, DIM)
+    torch.testing.assert_close(lora(x), base(x))  # B = 0: exactly the base model
+    assert not base.weight.requires_grad and lora.A.requires_grad and lora.B.requires_grad
+    with torch.no_grad():
+        lora.B.normal_()  # as after training
+    merged = lora.merge()
+    torch.testing.assert_close(merged(x), lora(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(merged, torch.nn.Linear) and not torch.allclose(merged(x), base(x))
+
+
+def mole_layer(seed=0, k=1, dispatch="sorted", trained=True):
+    torch.manual_seed(seed)
+    ffn = SwiGLUMLP(LLMConfig(dim=DIM, n_head=2, ffn_dim=HIDDEN))
+    layer = MoELayer(MoEConfig(num_experts=3, top_k=k, drop_tokens=False, dispatch=dispatch),
+                     LoRASwiGLUExperts(ffn, 3, rank=4, alpha=8.0))
+    if trained:
+        with torch.no_grad():
+            for B in (layer.experts.gate_proj_B, layer.experts.up_proj_B, layer.experts.down_proj_B):
+                B.normal_(std=0.3)  # experts that differ, as after training
+    return ffn, layer
+
+
+def test_a_mole_layer_starts_at_its_frozen_ffn():
+    ffn, layer = mole_layer(trained=False)
+    x = inputs(2, 7)
+    torch.testing.assert_close(layer(x)[0], ffn(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lora_experts_sorted_dispatch_equals_the_loop_and_expert_e_is_the_ffn_with_e_s_updates(k):
+    _, loop = mole_layer(k=k, dispatch="loop")
+    _, fast = mole_layer(k=k, dispatch="sorted")
+    x = inputs(3, 5)
+    torch.testing.assert_close(fast(x)[0], loop(x)[0], atol=1e-6, rtol=1e-5)
+    ex = loop.experts
+    e = 1
+    by_hand = SwiGLUMLP(LLMConfig(dim=DIM, n_head=2, ffn_dim=HIDDEN))
+    with torch.no_grad():
+        for name in ex.MATRICES:
+            W = getattr(ex.base, name).weight + ex.scale * getattr(ex, f"{name}_B")[e] @ getattr(ex, f"{name}_A")[e]
+            getattr(by_hand, name).weight.copy_(W)
+    torch.testing.assert_close(ex.forward_one(e, x[0]), by_hand(x[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_only_lora_and_router_parameters_learn_and_top1_gates_are_one():
+    ffn, layer = mole_layer(k=1)
+    x = inputs(2, 6)
+    out, stats = layer(x)
+    (out.sum() + stats.balance_loss).backward()
+    assert all(p.grad is None for p in ffn.parameters())  # the base FFN is frozen
+    assert all(p.grad is not None for p in layer.experts.expert_parameters()) and layer.router.weight.grad is not None
+    assert int(stats.top1_counts.sum()) == 12 and int(stats.expert_counts.sum()) == 12  # every real token, k = 1
+    total = sum(p.numel() for p in layer.experts.expert_parameters())
+    assert total == 3 * 3 * 4 * (DIM + HIDDEN)  # 3 experts x 3 matrices x r (in + out)
+
+
+def test_lora_experts_are_not_spread_over_ranks_and_say_why():
+    _, layer = mole_layer()
+    with pytest.raises(ValueError, match="LoRA experts are not spread over ranks"):
+        layer.shard_experts(group=None)

@@ -85,6 +85,8 @@ def initial_state(stage, out):
         t, config = meta["train_config"], VLMConfig.from_dict(meta["model_config"])
         vlm.upcycle_to_moe(t["moe_layers"], config.vision.moe if t["vision_moe_layers"] else config.llm.moe,
                            t["vision_moe_layers"], t["projector_moe"])
+        if t["lora_targets"] or t["mole_layers"]:
+            vlm.add_lora(t["lora_targets"], t["mole_layers"], config.llm.moe, t["lora_rank"], t["lora_alpha"])
     return vlm.state_dict()
 
 
@@ -99,6 +101,10 @@ def initial_state(stage, out):
     (3, [], r"projector\.|llm\.blocks\.\d+\.ffn\.(experts|router)"),
     (3, ["--train_projector_stage3=false"], r"llm\.blocks\.\d+\.ffn\.(experts|router)"),
     (3, ["--recipe=cumo"], r"(llm|projector)\.|vision\.(patch_embed|norm_pre|blocks\.0)\.|vision\.(cls|pos)"),
+    # LLaVA-MoLE: LoRA on the attention projections, LoRA experts and routers in every FFN; nothing else
+    (3, ["--recipe=mole"], r"llm\.blocks\.\d\.(attn\.(qkv|o_proj)\.(A|B)|ffn\.(router\.|experts\.\w+_(A|B)))"),
+    (3, ["--recipe=mole", "--mole_layers=", "--lora_targets=attention,mlp"],
+     r"llm\.blocks\.\d\.(attn\.(qkv|o_proj)|ffn\.(gate|up|down)_proj)\.(A|B)"),  # plain LoRA
 ])
 def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, extra, trained):
     out, data_dir, _ = pipeline
@@ -115,7 +121,8 @@ def test_each_stage_trains_exactly_its_parameters(pipeline, tmp_path, stage, ext
 
 # stage III with router noise: then the restored RNG state matters too
 @pytest.mark.parametrize("stage, extra", [(0, ["--stage0_objective=both"]), (2, ["--grad_accum=2"]),
-                                          (3, ["--moe.router_noise=0.5"]), (3, ["--recipe=cumo"])])
+                                          (3, ["--moe.router_noise=0.5"]), (3, ["--recipe=cumo"]),
+                                          (3, ["--recipe=mole", "--lora_dropout=0.1"])])
 def test_resume_after_k_steps_is_bit_identical(pipeline, tmp_path, stage, extra):
     out, data_dir, _ = pipeline
     for name in ("straight", "resumed"):
@@ -269,9 +276,12 @@ def test_a_recipe_sets_its_defaults_the_command_line_overrides_them_and_later_st
     (tmp_path / "stage2" / "meta.json").write_text(json.dumps({"train_config": {"preset": "tiny", "recipe": "cumo"}}))
     _, kept, _ = train.parse_args(["--stage", "3", "--out_dir", str(tmp_path)])
     assert kept.recipe == "cumo" and kept.vision_moe_layers == "all"
+    _, mole, nested = train.parse_args(["--stage", "3", "--recipe=mole"])
+    assert (mole.mole_layers, mole.lora_targets, mole.stage3_train, mole.moe_layers) == ("all", "attention", "lora", "")
+    assert nested["moe"] == {"num_experts": 3, "top_k": 1, "drop_tokens": False, "aux_over_layers": "pooled"}
     with pytest.raises(SystemExit, match="--recipe=moe is not one of"):
         train.parse_args(["--stage", "3", "--recipe=moe"])
-    with pytest.raises(SystemExit, match="--stage3_train=some must be moe or all"):
+    with pytest.raises(SystemExit, match="--stage3_train=some must be moe, all or lora"):
         train.parse_args(["--stage", "3", "--stage3_train=some"])
 
 
