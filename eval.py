@@ -808,12 +808,14 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
                                                 "capacity_factor", "dropped_fraction")}
         metrics[key]["files"] = write_routing_outputs(summary, records[group], out, config.plots, prefix) \
             if writer else []
-    if "vision" in groups and writer and config.plots and data.scenes is not None:  # the patch-level map
-        images = [os.path.join(data.folder, scene["image"]) for scene in data.scenes[:4]]
-        maps = patch_routing_maps(vlm, images, device)
-        plot_patch_routing(maps, images, groups["vision"].layers, groups["vision"].topk_counts.shape[-1],
-                           os.path.join(out, "vision_patch_routing.png"))
-        metrics["vision_routing"]["files"].append("vision_patch_routing.png")
+    if "vision" in groups and data.scenes is not None:  # the patch-level map, and how much place decides
+        images = [os.path.join(data.folder, scene["image"]) for scene in data.scenes[:200]]
+        maps = torch.cat([patch_routing_maps(vlm, images[i:i + 50], device) for i in range(0, len(images), 50)], 1)
+        metrics["vision_routing"]["by_place"] = routed_by_place(maps)
+        if writer and config.plots:
+            plot_patch_routing(maps[:, :4], images[:4], groups["vision"].layers,
+                               groups["vision"].topk_counts.shape[-1], os.path.join(out, "vision_patch_routing.png"))
+            metrics["vision_routing"]["files"].append("vision_patch_routing.png")
     metrics["seconds"]["total"] = round(time.time() - t_start, 1)
     if writer:
         D.write_json(os.path.join(out, "metrics.json"), metrics)
@@ -834,6 +836,9 @@ def metric_rows(m):
         for i, layer in enumerate(r["layers"] if r else []):
             rows.append((f"{layer_label(layer)}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
                          f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
+    if (m.get("vision_routing") or {}).get("by_place"):  # 1 / E: the place says nothing; 100: it alone decides
+        rows.append(("patches on their place's commonest expert, per vision MoE layer",
+                     " / ".join(f"{100 * v:.1f}" for v in m["vision_routing"]["by_place"])))
     return rows
 
 
@@ -1121,6 +1126,14 @@ def patch_routing_maps(vlm, image_paths, device):
     side = int(patches ** 0.5)
     return torch.stack([s.expert_index[:, -patches:, 0].reshape(-1, side, side)
                         for s in routing + projector_routing]).cpu()
+
+
+def routed_by_place(maps):
+    """Per vision-side MoE layer, the share of patches whose first choice is the expert most often chosen at their
+    place (grid position) over these images: 1 / E if the place says nothing, 1.0 if it alone decides."""
+    flat = maps.flatten(2)  # (layers, images, patches)
+    commonest = flat.mode(dim=1).values  # (layers, patches)
+    return (flat == commonest[:, None]).double().mean((1, 2)).tolist()
 
 
 def plot_patch_routing(maps, image_paths, layers, num_experts, path):

@@ -1,4 +1,4 @@
-"""Time per stage-III training step of the three recipes, side by side: MoE-LLaVA, CuMo and their dense twin.
+"""Time per stage-III training step of the recipes, side by side: MoE-LLaVA, CuMo, LLaVA-MoLE, plain LoRA, dense.
 
     python tests/bench_recipes.py                       # tiny preset, CPU (or the GPU if there is one)
     python tests/bench_recipes.py --preset small --steps 50 --batch_size 32
@@ -28,6 +28,8 @@ from moe import MoEConfig  # noqa: E402
 RECIPES = {  # name: the train.py options that make its stage III
     "MoE-LLaVA (experts in the LLM)": [],
     "CuMo (experts in the ViT and projector)": ["--recipe=cumo"],
+    "LLaVA-MoLE (LoRA experts, frozen model)": ["--recipe=mole"],
+    "plain LoRA (frozen model)": ["--recipe=mole", "--mole_layers=", "--lora_targets=attention,mlp"],
     "dense (CuMo's recipe, no experts)": ["--recipe=cumo", "--vision_moe_layers=", "--projector_moe=false"],
 }
 
@@ -37,8 +39,10 @@ def stage3_model(preset, options, device):
     _, config, nested = train.parse_args(["--stage", "3", f"--preset={preset}", "--out_dir=/nonexistent", *options])
     torch.manual_seed(0)
     vlm = VLM(PRESETS[preset]).to(device)
-    vlm.upcycle_to_moe(config.moe_layers, replace(MoEConfig(), **nested["moe"]), config.vision_moe_layers,
-                       config.projector_moe)
+    moe = replace(MoEConfig(), **nested["moe"])
+    vlm.upcycle_to_moe(config.moe_layers, moe, config.vision_moe_layers, config.projector_moe)
+    if config.lora_targets or config.mole_layers:
+        vlm.add_lora(config.lora_targets, config.mole_layers, moe, config.lora_rank, config.lora_alpha)
     vlm.to(device)
     train.set_trainable(3, vlm, config)
     vision = set(map(id, vlm.vision.parameters()))

@@ -415,6 +415,13 @@ def test_a_cumo_checkpoint_gets_vision_routing_plots_and_a_patch_level_map(pipel
     paths = [os.path.join(data_dir, s["image"]) for s in samples[:3]]
     maps = E.patch_routing_maps(vlm, paths, torch.device("cpu"))
     assert maps.shape == (2, 3, 4, 4) and 0 <= int(maps.min()) and int(maps.max()) < 4
+    assert len(vision["by_place"]) == 2 and all(0.25 <= v <= 1 for v in vision["by_place"])
+    same = torch.zeros(1, 5, 2, 2, dtype=torch.long)  # every image routes alike: the place decides everything
+    same[0, :, 0, 1] = 3
+    image, place = torch.arange(5).view(5, 1), torch.arange(4).view(1, 4)
+    varied = ((image + place) % 4).view(1, 5, 2, 2)  # each place cycles through the experts over the 5 images...
+    varied[0, :, 0, 0] = 1  # ...but the first place, always expert 1
+    assert E.routed_by_place(same) == [1.0] and E.routed_by_place(varied) == [(5 + 3 * 2) / 20]
 
 
 def test_compare_puts_two_checkpoints_side_by_side(pipeline, tmp_path):
