@@ -13,7 +13,8 @@ is known before the model runs (padding, truncation that never cuts an image, ba
 single masked_scatter.
 
 MoE layers can sit in three parts of the VLM: the LLM's FFNs (MoE-LLaVA; or LoRA experts on a frozen FFN,
-LLaVA-MoLE, with plain LoRA on the attention: add_lora, merge_lora), the ViT's MLPs and the projector (CuMo). Each part has its own MoEConfig; the loss adds each part's balancing and z-losses, summed or averaged
+LLaVA-MoLE, with plain LoRA on the attention: add_lora, merge_lora), the ViT's MLPs and the projector (CuMo).
+Each part has its own MoEConfig; the loss adds each part's balancing and z-losses, summed, averaged or pooled
 over its layers (part_moe_losses), and VLMOutput.routing lists every MoE layer's RoutingStats in the order
 VLM.moe_layer_names() gives.
 
