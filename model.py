@@ -70,7 +70,7 @@ class LLMConfig:
             raise ValueError(f"LLMConfig: lora_targets={self.lora_targets!r}: choose attention, mlp or attention,mlp")
         if mole and (self.moe_layers or "mlp" in targets):
             raise ValueError("LLMConfig: a MoLE FFN (mole_layers) cannot also be an MoE FFN (moe_layers) or carry "
-                             "plain LoRA (lora_targets=mlp)")
+                             "plain LoRA (lora_targets=mlp)")  # (an MoE FFN with lora_targets=mlp: one per expert)
         if (mole or targets) and self.lora_rank < 1:
             raise ValueError(f"LLMConfig: lora_rank={self.lora_rank} must be at least 1")
 
@@ -219,19 +219,23 @@ def add_lora(block, config: LLMConfig, mole: bool):
         experts = LoRASwiGLUExperts(block.ffn, config.moe.num_experts, config.lora_rank, config.lora_alpha,
                                     config.lora_dropout)
         block.ffn = MoELayer(config.moe, experts)
+    elif "mlp" in config.lora_target_set and block.is_moe:  # an MoE FFN: one adapter per expert, router as it is
+        block.ffn.experts = LoRASwiGLUExperts(block.ffn.experts, block.ffn.config.num_experts, config.lora_rank,
+                                              config.lora_alpha, config.lora_dropout)
     elif "mlp" in config.lora_target_set:
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(block.ffn, name, lora(getattr(block.ffn, name)))
 
 
 def merge_lora(module):
-    """Fold every plain LoRA inside module into its base nn.Linear, for inference (W + (alpha / r) B A): the
-    merged model computes what the unmerged one did. A MoLE layer cannot be merged -- which expert's update
-    applies depends on the token -- and stays as it is; returns how many LoRAs were merged."""
+    """Fold every plain LoRA inside module into its base nn.Linear (W + (alpha / r) B A), and every per-expert
+    adapter into its expert, for inference: the merged model computes what the unmerged one did. A MoLE layer
+    cannot be merged -- which expert's update applies depends on the token -- and stays as it is; returns how
+    many LoRAs (or expert stacks) were merged."""
     merged = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoRA):
+            if isinstance(child, LoRA) or isinstance(child, LoRASwiGLUExperts) and not child.shared:
                 setattr(parent, name, child.merge())
                 merged += 1
     return merged

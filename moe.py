@@ -217,20 +217,24 @@ def router_z_loss(logits):
 # Routing, losses, capacity and dispatch are written once, in MoELayer.
 
 
-def grouped_linear(x, weight, group_sizes, use_grouped_mm=False):
-    """A Linear per expert over expert-sorted rows: rows of group e are multiplied by weight[e]^T.
+def grouped_linear(x, weight, group_sizes, use_grouped_mm=False, bias=None):
+    """A Linear per expert over expert-sorted rows: rows of group e are multiplied by weight[e]^T (+ bias[e]).
 
-    x: (M, in) with the rows of expert 0 first, then expert 1, ...; weight: (E, out, in); group_sizes: (E,).
-    The plain form is a loop over contiguous slices. torch.nn.functional.grouped_mm (PyTorch >= 2.10) does all
-    groups in one call: int32 cumulative end offsets, 16-byte-aligned strides; a fused CUTLASS kernel in bf16 on
-    Hopper/Blackwell (SM90/SM100), a loop inside PyTorch elsewhere.
+    x: (M, in) with the rows of expert 0 first, then expert 1, ...; weight: (E, out, in); group_sizes: (E,);
+    bias: (E, out) or None. The plain form is a loop over contiguous slices. torch.nn.functional.grouped_mm
+    (PyTorch >= 2.10) does all groups in one call: int32 cumulative end offsets, 16-byte-aligned strides; a fused
+    CUTLASS kernel in bf16 on Hopper/Blackwell (SM90/SM100), a loop inside PyTorch elsewhere.
     """
     if use_grouped_mm:
         dtype = matmul_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would for a matmul
         offsets = group_sizes.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
+        out = F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=offsets)
+        return out if bias is None else out + bias.repeat_interleave(group_sizes, dim=0, output_size=x.shape[0])
     slices = x.split(group_sizes.tolist())  # .tolist() waits for the device
-    return torch.cat([F.linear(x_e, w_e) for x_e, w_e in zip(slices, weight)])
+    # (the bias goes in per slice: a gathered bias's backward accumulates with index_put, whose order under CPU
+    # threads varies from run to run, and exact resume would break)
+    biases = [None] * len(slices) if bias is None else bias
+    return torch.cat([F.linear(x_e, w_e, b_e) for x_e, w_e, b_e in zip(slices, weight, biases)])
 
 
 def matmul_dtype(x):
@@ -296,11 +300,8 @@ class GELUExperts(nn.Module):
         return F.linear(F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e])), self.fc2_weight[e], self.fc2_bias[e])
 
     def forward_grouped(self, x, group_sizes, use_grouped_mm=False):
-        # Each row's expert, to pick its bias: (M,) = [0]*size_0 + [1]*size_1 + ...
-        row_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), group_sizes,
-                                             output_size=x.shape[0])
-        h = grouped_linear(x, self.fc1_weight, group_sizes, use_grouped_mm) + self.fc1_bias[row_expert]
-        return grouped_linear(F.gelu(h), self.fc2_weight, group_sizes, use_grouped_mm) + self.fc2_bias[row_expert]
+        h = grouped_linear(x, self.fc1_weight, group_sizes, use_grouped_mm, self.fc1_bias)
+        return grouped_linear(F.gelu(h), self.fc2_weight, group_sizes, use_grouped_mm, self.fc2_bias)
 
     def weights(self):
         """The stacked matrices, for grouped_mm_serves' alignment check."""
@@ -359,28 +360,38 @@ class LoRA(nn.Module):
 
 
 class LoRASwiGLUExperts(nn.Module):
-    """E LoRA experts on one frozen SwiGLU FFN (LLaVA-MoLE): expert e is the FFN with each of its three matrices W
-    replaced by W + (alpha / r) B_e A_e, so the down update acts on silu(gate_e(x)) * up_e(x), as MoLE's code does.
-    The base FFN is shared and frozen; only the stacked A's (E, r, in) and B's (E, out, r) are the experts' own.
-    A MoLE layer is MoELayer(config, LoRASwiGLUExperts(ffn, E)): routing, balancing loss and statistics are
-    MoELayer's. With top-1 and renormalised gates the chosen expert's output is not scaled by its probability,
-    as in MoLE's top-1 path. Unlike plain LoRA it cannot be merged into the base weights: which update applies
-    depends on the token."""
+    """E LoRA experts on a frozen SwiGLU FFN: expert e is the FFN with each of its three matrices W replaced by
+    W + (alpha / r) B_e A_e, so the down update acts on silu(gate_e(x)) * up_e(x), as LLaVA-MoLE's code does.
+    Only the stacked A's (E, r, in) and B's (E, out, r) train. Two kinds of base:
+    - one dense FFN (model.MLP), shared by all experts: LLaVA-MoLE. A MoLE layer is MoELayer(config,
+      LoRASwiGLUExperts(ffn, E)): routing, balancing loss and statistics are MoELayer's. With top-1 and
+      renormalised gates the chosen expert's output is not scaled by its probability, as in MoLE's top-1 path.
+      It cannot be merged into the base weights: which update applies depends on the token.
+    - the experts of a trained MoE layer (SwiGLUExperts), one adapter per expert: LoRA fine-tuning of an MoE
+      model. Each expert's update is its own, whatever the token, so merge() folds them into the experts."""
 
     MATRICES = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, mlp, num_experts, rank=8, alpha=16.0, dropout=0.0):
+    def __init__(self, base, num_experts, rank=8, alpha=16.0, dropout=0.0):
         super().__init__()
-        self.base = mlp  # model.MLP: nn.Linear gate_proj, up_proj, down_proj
-        hidden_dim, dim = mlp.gate_proj.weight.shape
-        self.num_experts, self.in_dim, self.out_dim = num_experts, dim, dim
-        self.scale, self.dropout = alpha / rank, nn.Dropout(dropout)
+        self.base = base  # model.MLP (nn.Linear gate_proj, up_proj, down_proj) or SwiGLUExperts ((E, out, in) each)
+        self.shared = not isinstance(base, SwiGLUExperts)
         for name in self.MATRICES:
-            base = getattr(mlp, name)
-            base.weight.requires_grad_(False)
-            A, B = lora_pair(num_experts, rank, base.in_features, base.out_features)
-            setattr(self, f"{name}_A", nn.Parameter(A.to(base.weight)))
-            setattr(self, f"{name}_B", nn.Parameter(B.to(base.weight)))
+            weight = getattr(base, name).weight if self.shared else getattr(base, name)
+            weight.requires_grad_(False)
+            out_dim, in_dim = weight.shape[-2:]
+            A, B = lora_pair(num_experts, rank, in_dim, out_dim)
+            setattr(self, f"{name}_A", nn.Parameter(A.to(weight)))
+            setattr(self, f"{name}_B", nn.Parameter(B.to(weight)))
+        self.num_experts = num_experts
+        self.in_dim = self.out_dim = self.gate_proj_A.shape[-1]  # the model's width (gate_proj's input)
+        self.scale, self.dropout = alpha / rank, nn.Dropout(dropout)
+
+    def base_linear(self, name, x, e=None, group_sizes=None, use_grouped_mm=False):
+        if self.shared:
+            return getattr(self.base, name)(x)
+        W = getattr(self.base, name)  # (E, out, in): expert e's own matrix
+        return F.linear(x, W[e]) if e is not None else grouped_linear(x, W, group_sizes, use_grouped_mm)
 
     def linear(self, name, x, e=None, group_sizes=None, use_grouped_mm=False):
         """One matrix with its LoRA update: of expert e on all rows, or of each expert on its group of rows."""
@@ -389,7 +400,7 @@ class LoRASwiGLUExperts(nn.Module):
             delta = F.linear(F.linear(h, A[e]), B[e])
         else:
             delta = grouped_linear(grouped_linear(h, A, group_sizes, use_grouped_mm), B, group_sizes, use_grouped_mm)
-        return getattr(self.base, name)(x) + self.scale * delta
+        return self.base_linear(name, x, e, group_sizes, use_grouped_mm) + self.scale * delta
 
     def forward_one(self, e, x):
         h = F.silu(self.linear("gate_proj", x, e)) * self.linear("up_proj", x, e)
@@ -405,9 +416,21 @@ class LoRASwiGLUExperts(nn.Module):
         return tuple(getattr(self, f"{name}_{ab}") for name in self.MATRICES for ab in "AB")
 
     def expert_parameters(self):
-        """The experts' own parameters (the shared base FFN is not one of them): what param_counts counts as
+        """The experts' own parameters (a shared base FFN is not one of them): what param_counts counts as
         expert parameters, of which k of E are active per token."""
-        return list(self.weights())
+        return list(self.weights()) + ([] if self.shared else list(self.base.parameters()))
+
+    @torch.no_grad()
+    def merge(self):
+        """One adapter per expert of an MoE layer: the SwiGLUExperts with each expert's update folded in."""
+        if self.shared:
+            raise ValueError("LoRA experts on one shared FFN (LLaVA-MoLE) cannot be merged: which expert's update "
+                             "applies depends on the token")
+        merged = SwiGLUExperts(self.num_experts, self.in_dim, self.base.gate_proj.shape[1]).to(self.base.gate_proj)
+        for name in self.MATRICES:
+            update = self.scale * getattr(self, f"{name}_B") @ getattr(self, f"{name}_A")  # (E, out, in)
+            getattr(merged, name).copy_(getattr(self.base, name) + update)
+        return merged
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,8 +624,8 @@ class MoELayer(nn.Module):
     def shard_experts(self, group):
         """Keep only this rank's E / ep experts (expert parallelism over `group`); the router stays whole."""
         if isinstance(self.experts, LoRASwiGLUExperts):
-            raise ValueError("LoRA experts are not spread over ranks (--ep_size): they share one frozen FFN and are "
-                             "small enough to sit whole on every rank; train them with plain data parallelism")
+            raise ValueError("LoRA experts are not spread over ranks (--ep_size): their adapters are small enough to "
+                             "sit whole on every rank (MoLE's share one frozen FFN); train them with data parallelism")
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.config.num_experts % ep:
             raise ValueError(f"ep_size={ep} must divide num_experts={self.config.num_experts}")

@@ -43,6 +43,11 @@ docs/reference.md):
   matrices -- with a top-1 router; loss = CE + 0.01 x one balancing loss pooled over the layers. Plain LoRA is
   --recipe=mole --mole_layers= --lora_targets=attention,mlp, and model.merge_lora folds it into the weights.
 
+stage 4 (optional; not part of --stage all) fine-tunes a trained stage-III model cheaply, on your own data:
+  LoRA on every attention projection and, in each MoE layer, one LoRA adapter per expert (dense FFNs get plain
+  LoRA); only the adapters train, the routers stay as they are. merge_lora folds the adapters into the weights.
+      python train.py --stage 4 --data_path my.json --image_folder my_images/ --val_data_path my_val.json
+
 Each stage reads {out_dir}/stage{N-1}/ckpt.pt and writes {out_dir}/stage{N}/: ckpt.pt (model, optimizer, RNG, and
 the metadata as JSON), meta.json (a readable copy of the metadata), log.jsonl, and the tokenizer.
 Devices: CUDA (bf16 autocast) when present, else CPU in fp32; --device=cpu forces the CPU. Under torchrun each
@@ -97,10 +102,12 @@ class TrainConfig:
     stage1_iters: int = 1000  # with the LLM training in stage I, 300 steps left it unable to read colour or shape
     stage2_iters: int = 1200
     stage3_iters: int = 600
+    stage4_iters: int = 300  # stage 4 (optional, not in --stage all): LoRA fine-tuning of the stage-III model
     stage0_lr: float = 1e-3
     stage1_lr: float = 1e-3  # MoE-LLaVA stage I
     stage2_lr: float = 1e-3  # MoE-LLaVA uses 2e-5 on pretrained billion-parameter LLMs; ours is small and young
     stage3_lr: float = 2e-4  # experts start trained, so a lower peak than stage II
+    stage4_lr: float = 2e-4
     warmup_frac: float = 0.03  # linear warmup over this fraction of a stage, then cosine decay to 0 (MoE-LLaVA)
     weight_decay: float = 0.0  # MoE-LLaVA uses none
     grad_clip: float = 1.0
@@ -215,6 +222,9 @@ def build_model(stage, config, nested, own, prev, tokenizer):
                             vlm_config.vision) if stage == 0 else None
         if own is None and prev is not None:
             vlm.load_state_dict(prev["model"])
+            if stage == 4:  # LoRA on the trained model: attention, and one adapter per expert of each MoE FFN
+                vlm.add_lora(config.lora_targets or "attention,mlp", "", vlm_config.llm.moe, config.lora_rank,
+                             config.lora_alpha, config.lora_dropout)
             if stage == 3:
                 moe = replace(vlm_config.llm.moe, **nested["moe"])
                 vlm.upcycle_to_moe(config.moe_layers, moe, config.vision_moe_layers, config.projector_moe)
@@ -240,7 +250,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
 def set_trainable(stage, vlm, config):
     """Freeze everything, then unfreeze what this stage trains; the optimizer gets exactly these parameters.
     Stage III trains what upcycling made, the experts and the routers (MoE-LLaVA), everything the VLM runs
-    (--stage3_train=all, CuMo), or LoRA alone (--stage3_train=lora, LLaVA-MoLE). Returns the trained names."""
+    (--stage3_train=all, CuMo), or LoRA alone (--stage3_train=lora, LLaVA-MoLE; and stage 4, LoRA fine-tuning
+    of the stage-III model: the routers of its MoE layers stay as they are). Returns the trained names."""
     for p in vlm.parameters():
         p.requires_grad_(False)
     if stage == 0:  # the projector waits for stage I; captioning alone reads no ViT part past the selected layer
@@ -249,12 +260,13 @@ def set_trainable(stage, vlm, config):
         trained = [vlm.projector] + ([vlm.llm] if config.stage1_train_llm else [])
     elif stage == 2:
         trained = [vlm.llm, vlm.projector] + (vision_in_use(vlm.vision) if config.stage2_train_vit else [])
+    elif stage == 4 or config.stage3_train == "lora":  # LoRA alone: the updates, and MoLE's routers
+        trained = [p for m in vlm.modules() if isinstance(m, LoRA) for p in (m.A, m.B)]
+        trained += [p for m in vlm.modules() if isinstance(m, LoRASwiGLUExperts) for p in m.weights()]
+        trained += [m.router.weight for m in vlm.modules() if isinstance(m, MoELayer)
+                    and isinstance(m.experts, LoRASwiGLUExperts) and m.experts.shared]
     elif config.stage3_train == "all":
         trained = [vlm.llm, vlm.projector, *vision_in_use(vlm.vision)]
-    elif config.stage3_train == "lora":  # LLaVA-MoLE: the LoRA updates and the routers of the LoRA experts
-        trained = [p for m in vlm.modules() if isinstance(m, LoRA) for p in (m.A, m.B)]
-        trained += [p for m in vlm.modules() if isinstance(m, MoELayer) and isinstance(m.experts, LoRASwiGLUExperts)
-                    for p in (m.router.weight, *m.experts.expert_parameters())]
     else:
         trained = [m for m in vlm.modules() if isinstance(m, MoELayer)]  # experts and routers, wherever they are
         if config.train_projector_stage3:
@@ -794,7 +806,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Options are type-checked; an unknown option is an error.")
-    p.add_argument("--stage", required=True, choices=["0", "1", "2", "3", "all"], help="which stage to run")
+    p.add_argument("--stage", required=True, choices=["0", "1", "2", "3", "4", "all"],
+                   help="which stage to run; all: 0 to 3 (4, LoRA fine-tuning of stage III, is run on its own)")
     D.add_options(p, TrainConfig)
     p.add_argument("--projector", choices=["linear", "mlp2x_gelu"], default=None, help="stage 0: projector kind")
     for prefix, cls in NESTED.items():

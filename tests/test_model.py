@@ -6,7 +6,7 @@ import torch
 
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLM, PRESETS, VLM, LLMConfig, VLMConfig, apply_rotary,
                    merge_lora, moe_layer_indices, param_counts, rotary_tables)
-from moe import MoEConfig
+from moe import LoRASwiGLUExperts, MoEConfig, SwiGLUExperts
 from vision import ViTConfig
 
 VOCAB = 97
@@ -316,6 +316,28 @@ def test_lora_and_mole_start_at_the_base_model_and_plain_lora_merges_into_it():
     assert merge_lora(model) == 4 * 2  # MoLE's FFN experts stay: which update applies depends on the token
     with pytest.raises(ValueError, match="cannot also be an MoE FFN"):
         LLMConfig(n_layer=2, moe_layers="dense", mole_layers="all")
+
+
+def test_lora_on_an_moe_model_gives_each_expert_its_own_adapter_and_merges_into_the_experts():
+    model = vlm(moe_layers="sparse", drop_tokens=False)
+    batch = vlm_batch()
+    model.eval()
+    before = model(*batch).logits
+    model.add_lora("attention,mlp", "", model.config.llm.moe, rank=4, alpha=8.0)
+    experts = model.llm.blocks[0].ffn.experts
+    assert isinstance(experts, LoRASwiGLUExperts) and not experts.shared and experts.gate_proj_A.shape[0] == 4
+    torch.testing.assert_close(model(*batch).logits, before, atol=1e-6, rtol=1e-6)  # B = 0: the MoE model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".B", "_B")):
+                p.normal_(std=0.1)
+    tuned = model(*batch).logits
+    rebuilt = VLM(VLMConfig.from_dict(asdict(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    assert merge_lora(model) == 4 * 2 + 2 * 3 + 2  # qkv and o_proj of 4 blocks, the dense FFNs' 3 matrices
+    #                                                  (blocks 1, 3), and the expert stacks of blocks 0 and 2
+    torch.testing.assert_close(model(*batch).logits, tuned, atol=1e-5, rtol=1e-5)
+    assert isinstance(model.llm.blocks[0].ffn.experts, SwiGLUExperts)
 
 
 def test_config_needs_room_for_text_after_the_image():

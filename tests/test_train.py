@@ -87,6 +87,9 @@ def initial_state(stage, out):
                            t["vision_moe_layers"], t["projector_moe"])
         if t["lora_targets"] or t["mole_layers"]:
             vlm.add_lora(t["lora_targets"], t["mole_layers"], config.llm.moe, t["lora_rank"], t["lora_alpha"])
+    if stage == 4:
+        t = meta["train_config"]
+        vlm.add_lora(t["lora_targets"] or "attention,mlp", "", vlm.config.llm.moe, t["lora_rank"], t["lora_alpha"])
     return vlm.state_dict()
 
 
@@ -341,3 +344,22 @@ def test_a_folder_as_data_path_is_one_clear_error(pipeline, tmp_path):
     shutil.copytree(out / "stage1", tmp_path / "stage1")
     with pytest.raises(SystemExit, match="is a folder; expected a LLaVA-format JSON file"):
         run(tmp_path, "--stage", "2", "--max_iters=1", f"--data_path={tmp_path}", data_dir=data_dir)
+
+
+def test_stage4_fine_tunes_the_moe_model_on_your_data_with_lora_alone(pipeline, tmp_path):
+    """MoE-LLaVA's users asked for LoRA on an MoE model: stage 4 reads stage III, gives the attention and each
+    expert its own LoRA adapter, and trains those alone on a LLaVA-format file; the routers stay as they are."""
+    out, data_dir, _ = pipeline
+    shutil.copytree(out / "stage3", tmp_path / "stage3")
+    mine = os.path.join(data_dir, "instruct_val.json")  # stands in for a user's own file
+    run(tmp_path, "--stage", "4", "--max_iters=2", "--data_path", mine, "--val_data_path", mine, "--image_folder",
+        data_dir, data_dir=data_dir)
+    before, after = initial_state(4, tmp_path), load_state(tmp_path, 4)["model"]
+    assert before.keys() == after.keys()
+    lora = r"llm\.blocks\.\d\.((attn\.(qkv|o_proj)|ffn\.(gate|up|down)_proj)\.(A|B)|ffn\.experts\.\w+_(A|B))$"
+    moved = changed(before, after)
+    assert moved and all(re.match(lora, k) for k in moved), sorted(moved)
+    assert any(".ffn.experts.gate_proj_B" in k for k in moved)  # the experts' own adapters learned
+    meta = json.loads((tmp_path / "stage4" / "meta.json").read_text())
+    assert meta["model_config"]["llm"]["lora_targets"] == "attention,mlp" and meta["counts"]["trainable"] < \
+        meta["counts"]["total"] / 5
