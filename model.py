@@ -416,8 +416,9 @@ class LLM(nn.Module):
         self.config = replace(self.config, moe_layers=moe_layers, moe=moe_config)
 
     def add_lora(self, lora_targets, mole_layers, moe_config: MoEConfig, rank=8, alpha=16.0, dropout=0.0):
-        """LLaVA-MoLE's stage: plain LoRA on lora_targets, LoRA experts (moe_config: how many, top-k) on the FFNs of
-        mole_layers, on this frozen model. At the start it computes exactly what it computed before."""
+        """Plain LoRA on lora_targets (on an MoE FFN, "mlp" gives each expert its own adapter: stage 4) and LoRA
+        experts (moe_config: how many, top-k) on the FFNs of mole_layers (LLaVA-MoLE's stage III), on this frozen
+        model. At the start it computes exactly what it computed before."""
         if self.config.lora_targets or self.config.mole_layers:
             raise ValueError("this LLM already has LoRA; add it to a model without")
         config = replace(self.config, lora_targets=lora_targets, mole_layers=mole_layers, lora_rank=rank,
@@ -488,9 +489,6 @@ class VLMOutput:
     part_losses: dict = field(default_factory=dict)  # {"aux_vision": .., "z_vision": .., "aux_llm": ..}: per part
     routing: list = field(default_factory=list)  # RoutingStats per MoE layer, in VLM.moe_layer_names() order;
     #                                               None for the vision side's layers when the batch has no image
-
-
-MOE_PARTS = ("vision", "projector", "llm")  # where a VLM can hold MoE layers, in the order a token meets them
 
 
 def part_moe_losses(routing, config: MoEConfig):

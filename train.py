@@ -362,7 +362,7 @@ class Stage:
     iters: int
     peak_lr: float
     meta: dict  # what the checkpoint records; meta["step"] is where the loop starts
-    stage2_final_val_ce: float = None  # stage III: where stage II ended, which upcycling must not change
+    stage2_final_val_ce: float = None  # stage III: where stage II ended, which what stage III adds must not change
     resumed: bool = False
 
     @property
