@@ -6,7 +6,8 @@ IMAGE_TOKEN_INDEX placeholders, labels, a padding mask and the images as tensors
 
 Read it top to bottom:
   1. the built-in world      procedurally drawn scenes of shapes (pillow), each with a caption, instruction
-                              conversations and a text-only subset, written to disk in LLaVA's JSON format
+                              conversations and a text-only subset, and a second domain (arithmetic, text
+                              only) to mix in, written to disk in LLaVA's JSON format
   2. the tokenizer           a tiktoken Encoding: by default a byte-level BPE learned from the built-in corpus
                               (no download); or a named tiktoken encoding (gpt2, cl100k_base, ...) where it loads
   3. templates               `plain` (stage I) and MoE-LLaVA's chat template (stages II-III); labels only on answers
@@ -53,7 +54,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), 
 SIZES = {"small": 0.09, "large": 0.16}  # radius as a fraction of the image side
 BACKGROUNDS = {"dark": (35, 35, 45), "gray": (110, 110, 115), "brown": (95, 75, 55)}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-BUILTIN_VERSION = 2  # raise when the drawing, the texts or the templates change: old data sets are redrawn
+BUILTIN_VERSION = 3  # raise when the drawing, the texts or the templates change: old data sets are redrawn
 BUILTIN_MARKER = "builtin.json"  # the config the set was drawn with; written last, so it means "complete"
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Give a short caption for the image.")
 
@@ -192,6 +193,33 @@ def text_only_sample(rng, sample_id):
             "question_types": ["text"]}
 
 
+ARITHMETIC_STREAM = 1_000_003  # added to the data seed: the second domain draws from its own random stream
+
+
+def arithmetic_sample(rng, sample_id, seen):
+    """A second instruction domain, text only and clearly unlike the scenes: two-digit sums and differences, and
+    the one-digit multiplication table. It lets a run mix two instruction domains, the situation LLaVA-MoLE's LoRA
+    experts are for (docs/results.md measures it). A sum or difference is never asked twice in the whole set
+    (`seen` spans the splits), so the test split asks ones never trained on; the table has 64 facts and repeats."""
+    kind = rng.choice(("add", "subtract", "multiply"))
+    while True:
+        if kind == "add":
+            x, y = rng.randint(10, 69), rng.randint(10, 69)
+            q, a = f"What is {x} plus {y}?", x + y
+        elif kind == "subtract":
+            x = rng.randint(20, 99)
+            y = rng.randint(10, x - 1)
+            q, a = f"What is {x} minus {y}?", x - y
+        else:
+            x, y = rng.randint(2, 9), rng.randint(2, 9)
+            q, a = f"What is {x} times {y}?", x * y
+        if kind == "multiply" or q not in seen:
+            break
+    seen.add(q)
+    return {"id": sample_id, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": str(a)}],
+            "question_types": [kind]}
+
+
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -200,7 +228,8 @@ def write_json(path, obj):
 
 
 def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
-    """Draw the built-in data set into data_dir: images/, {captions,instruct,scenes}_{split}.json, tokenizer.
+    """Draw the built-in data set into data_dir: images/, {captions,instruct,scenes,arithmetic}_{split}.json, the
+    tokenizer.
 
     Splits are drawn from one seeded stream; a scene identical to one already drawn (in any split) is redrawn,
     so no scene is shared between train, val and test.
@@ -238,6 +267,12 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
             corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
             corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
     bar.close()
+    # the second domain, half as many samples as scenes per split; not in the BPE's corpus (digits are single
+    # tokens and its words are spelled in bytes), so the scenes, their texts and the tokenizer stay as they were
+    rng, seen = random.Random(config.seed + ARITHMETIC_STREAM), set()
+    for split, n in splits.items():
+        arithmetic = [arithmetic_sample(rng, f"{split}-arithmetic-{i:05d}", seen) for i in range(max(1, n // 2))]
+        write_json(os.path.join(data_dir, f"arithmetic_{split}.json"), arithmetic)
     ranks = train_bpe(corpus, config.bpe_vocab_size - len(SPECIAL_TOKENS))
     save_bpe(os.path.join(data_dir, BUILTIN_TOKENIZER_FILE), ranks)
     marker = {**asdict(config), "version": BUILTIN_VERSION}

@@ -86,8 +86,8 @@ class TrainConfig:
     preset: str = "tiny"  # model size: tiny (CPU, minutes) or small (one GPU)
     out_dir: str = "out"  # stage N writes {out_dir}/stage{N}/
     data_dir: str = "data/builtin"  # the built-in data set; written there on first use
-    data_path: str = ""  # a LLaVA-format JSON to train this stage on instead of the built-in data
-    val_data_path: str = ""  # its validation file (without one, validation is skipped for user data)
+    data_path: str = ""  # a LLaVA-format JSON to train this stage on instead of the built-in data; a,b mixes files
+    val_data_path: str = ""  # its validation file(s) (without one, validation is skipped for user data)
     image_folder: str = ""  # where the JSON's image paths are relative to (default: data_dir)
     tokenizer: str = "builtin"  # builtin (learned from the built-in corpus) or a tiktoken name: gpt2, cl100k_base
     seed: int = 1337
@@ -186,8 +186,10 @@ def load_stage_data(stage, config, tokenizer, vlm_config, split):
     default = "captions" if stage <= 1 else "instruct"
     path = user_file or os.path.join(config.data_dir, f"{default}_{split}.json")
     max_len = vlm_config.llm.max_seq_len
-    load = lambda path, **kw: D.load_examples(path, folder, tokenizer, max_len=max_len,  # noqa: E731
-                                              max_bad_fraction=config.max_bad_fraction, log=P.print0, **kw)
+
+    def load(paths, **kw):  # several files, comma-separated, are trained on as one mixed set
+        return [example for path in paths.split(",") for example in D.load_examples(
+            path, folder, tokenizer, max_len=max_len, max_bad_fraction=config.max_bad_fraction, log=P.print0, **kw)]
     if stage == 0:
         # CLIP reads the caption alone (the image goes to the ViT, not into the text): no image tokens
         pairs = load(path, template="plain", num_image_tokens=0)
@@ -678,7 +680,8 @@ def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tok
     Samples that cannot be asked (bad, unreadable image, prompt too long) are left out. Ranks share the prompts."""
     folder = config.image_folder or config.data_dir
     prompts, refs, questions = [], [], []
-    for sample in D.read_json(path)[:n]:
+    files = path.split(",")  # several files: the first n // len(files) of each
+    for sample in [sample for file in files for sample in D.read_json(file)[:n // len(files)]]:
         try:
             conv = D.check_conversation(sample, "chat")
             image = None if sample.get("image") is None else D.load_image(os.path.join(folder, sample["image"]),

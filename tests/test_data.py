@@ -2,6 +2,7 @@
 import filecmp
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -43,8 +44,8 @@ def test_sentinels_agree_with_the_model():
 
 def test_builtin_data_is_deterministic_for_a_seed(builtin, tmp_path):
     D.generate_builtin(str(tmp_path / "again"), SMALL, progress=False)
-    names = ["instruct_train.json", "captions_val.json", "scenes_test.json", D.BUILTIN_TOKENIZER_FILE,
-             "images/train_00003.png"]
+    names = ["instruct_train.json", "captions_val.json", "scenes_test.json", "arithmetic_test.json",
+             D.BUILTIN_TOKENIZER_FILE, "images/train_00003.png"]
     match, mismatch, errors = filecmp.cmpfiles(builtin, tmp_path / "again", names, shallow=False)
     assert match == names, (mismatch, errors)
     other = D.BuiltinConfig(seed=1, n_train=40, n_val=12, n_test=12)
@@ -90,6 +91,24 @@ def test_answers_describe_the_drawn_scene(builtin):
         assert tuple(image[y, x]) == D.COLOURS[o["colour"]]
     qa = D.questions(scene, D.random.Random(0))
     assert ("count", "How many objects are there?", str(len(scene["objects"]))) in qa
+
+
+def test_the_arithmetic_domain_is_right_and_never_asks_a_sum_twice(builtin, tok):
+    ops = {"plus": lambda x, y: x + y, "minus": lambda x, y: x - y, "times": lambda x, y: x * y}
+    asked = {}
+    for split in ("train", "val", "test"):
+        samples = D.read_json(os.path.join(builtin, f"arithmetic_{split}.json"))
+        assert len(samples) == {"train": SMALL.n_train, "val": SMALL.n_val, "test": SMALL.n_test}[split] // 2
+        for s in samples:
+            [(human, gpt)] = [(s["conversations"][0]["value"], s["conversations"][1]["value"])]
+            x, op, y = re.fullmatch(r"What is (\d+) (plus|minus|times) (\d+)\?", human).groups()
+            assert "image" not in s and int(gpt) == ops[op](int(x), int(y)) >= 0
+            assert s["question_types"] == [{"plus": "add", "minus": "subtract", "times": "multiply"}[op]]
+            if op != "times":
+                assert human not in asked, (human, split, asked[human])
+                asked[human] = split
+            assert tok.decode(tok.encode(human)) == human
+    assert set(asked.values()) == {"train", "val", "test"}
 
 
 def test_ensure_builtin_regenerates_only_for_a_different_config(builtin, tmp_path):

@@ -339,6 +339,21 @@ def test_user_data_with_bad_samples_trains_and_reports_them(pipeline, tmp_path, 
     assert "skipped 1 of" in captured and "1 image file missing" in captured
 
 
+def test_comma_separated_data_paths_are_trained_on_as_one_mixed_set(pipeline, tmp_path):
+    out, data_dir, _ = pipeline
+    files = [os.path.join(data_dir, f"{name}_train.json") for name in ("instruct", "arithmetic")]
+    config = train.TrainConfig(data_dir=data_dir, data_path=",".join(files), val_data_path=files[1])
+    vlm_config = VLMConfig.from_dict(json.loads((out / "stage2" / "meta.json").read_text())["model_config"])
+    tok = D.load_tokenizer("builtin", data_dir)
+    mixed = train.load_stage_data(2, config, tok, vlm_config, "train")
+    assert len(mixed) == sum(len(D.read_json(f)) for f in files)
+    assert len(train.load_stage_data(2, config, tok, vlm_config, "val")) == len(D.read_json(files[1]))
+    shutil.copytree(out / "stage2", tmp_path / "stage2")
+    [meta] = run(tmp_path, "--stage", "3", "--max_iters=1", f"--data_path={config.data_path}",
+                 f"--val_data_path={config.data_path}", data_dir=data_dir)
+    assert meta["done"] and meta["val"]["val_ce"] > 0
+
+
 def test_a_folder_as_data_path_is_one_clear_error(pipeline, tmp_path):
     out, data_dir, _ = pipeline
     shutil.copytree(out / "stage1", tmp_path / "stage1")
