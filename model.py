@@ -47,6 +47,8 @@ class LLMConfig:
     dim: int = 128
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = 0  # key/value heads; 0 = n_head. Fewer: grouped-query attention, each shared by n_head / it
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2 has them, LLaMA does not)
     ffn_dim: int = 384  # SwiGLU hidden size, about 8/3 * dim as in LLaMA
     max_seq_len: int = 256  # longest sequence (prompt + image tokens + answer) the rotary table covers
     rope_theta: float = 10000.0
@@ -63,6 +65,8 @@ class LLMConfig:
     def __post_init__(self):
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise ValueError(f"LLMConfig: dim={self.dim} must split into n_head={self.n_head} heads of even size")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"LLMConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         moe_layer_indices(self.moe_layers, self.n_layer)  # fail early on a bad placement
         mole = moe_layer_indices(self.mole_layers, self.n_layer)
         targets = self.lora_target_set
@@ -73,6 +77,10 @@ class LLMConfig:
                              "plain LoRA (lora_targets=mlp)")  # (an MoE FFN with lora_targets=mlp: one per expert)
         if (mole or targets) and self.lora_rank < 1:
             raise ValueError(f"LLMConfig: lora_rank={self.lora_rank} must be at least 1")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
 
     @property
     def lora_target_set(self):
@@ -145,22 +153,29 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with rotary positions and an optional KV cache."""
+    """Causal multi-head self-attention with rotary positions and an optional KV cache.
+
+    One fused matrix computes the queries (n_head heads), then the keys and the values (n_kv heads each). With
+    n_kv < n_head (grouped-query attention, Ainslie et al. 2023; Llama 2 70B, Qwen2) each key/value head serves
+    n_head / n_kv query heads: a smaller KV cache for the same number of query heads.
+    """
 
     def __init__(self, config: LLMConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.dim // config.n_head
+        self.qkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=None):
         """attn_mask: None for plain causal attention, else a (B, 1, T, T_past + T) bool mask, True = may attend."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        heads = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split([self.n_head, self.n_kv, self.n_kv], dim=1)  # (B, nh, T, hd), 2 x (B, n_kv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, T_past + T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+            k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
@@ -256,12 +271,14 @@ def init_weights(model):
     - token embeddings, attention and FFN matrices, stacked expert matrices and routers ~ N(0, 0.02);
     - the matrices that write into the residual stream (attention o_proj, FFN down_proj, each expert's down_proj)
       ~ N(0, 0.02 / sqrt(2 * n_layer)), so the residual stream's variance does not grow with depth;
-    - RMSNorm gains 1.
+    - RMSNorm gains 1, biases (q, k, v, where the config has them) 0.
     """
     std_residual = 0.02 / (2 * model.config.n_layer) ** 0.5
     for name, p in model.named_parameters():
-        if p.dim() == 1:
-            nn.init.ones_(p)  # the only vectors in the LLM are RMSNorm gains
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif p.dim() == 1:
+            nn.init.ones_(p)  # the other vectors in the LLM are RMSNorm gains
         elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
             nn.init.normal_(p, std=std_residual)
         else:
@@ -365,7 +382,7 @@ class LLM(nn.Module):
 
     def new_cache(self, batch_size, max_len, dtype=None):
         c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.dim // c.n_head, max_len,
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.dim // c.n_head, max_len,
                        self.tok_emb.weight.device, dtype or self.tok_emb.weight.dtype)
 
     @torch.no_grad()

@@ -282,26 +282,37 @@ class SwiGLUExperts(nn.Module):
         return experts
 
 
+def quick_gelu(x):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class GELUExperts(nn.Module):
     """E two-layer GELU MLPs with biases, the expert form of vision.py's MLP: fc2(gelu(fc1(x))).
 
-    This is the form CuMo upcycles in the CLIP encoder and the mlp2x_gelu projector.
+    This is the form CuMo upcycles in the CLIP encoder and the mlp2x_gelu projector. `act` names the GELU
+    (ACTIVATIONS): a CLIP ViT loaded from its weights may use quick_gelu, and its experts must too.
     """
 
-    def __init__(self, num_experts, in_dim, hidden_dim, out_dim):
+    def __init__(self, num_experts, in_dim, hidden_dim, out_dim, act="gelu"):
         super().__init__()
         self.num_experts, self.in_dim, self.out_dim = num_experts, in_dim, out_dim
+        self.act, self.act_fn = act, ACTIVATIONS[act]
         self.fc1_weight = nn.Parameter(torch.randn(num_experts, hidden_dim, in_dim) * 0.02)  # (E, F, in)
         self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))  # (E, F)
         self.fc2_weight = nn.Parameter(torch.randn(num_experts, out_dim, hidden_dim) * 0.02)  # (E, out, F)
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, out_dim))  # (E, out)
 
     def forward_one(self, e, x):
-        return F.linear(F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e])), self.fc2_weight[e], self.fc2_bias[e])
+        h = self.act_fn(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
+        return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])
 
     def forward_grouped(self, x, group_sizes, use_grouped_mm=False):
         h = grouped_linear(x, self.fc1_weight, group_sizes, use_grouped_mm, self.fc1_bias)
-        return grouped_linear(F.gelu(h), self.fc2_weight, group_sizes, use_grouped_mm, self.fc2_bias)
+        return grouped_linear(self.act_fn(h), self.fc2_weight, group_sizes, use_grouped_mm, self.fc2_bias)
 
     def weights(self):
         """The stacked matrices, for grouped_mm_serves' alignment check."""
@@ -312,7 +323,7 @@ class GELUExperts(nn.Module):
         """E copies of a dense GELU MLP with nn.Linear `fc1`, `fc2` (vision.MLP)."""
         hidden_dim, in_dim = mlp.fc1.weight.shape
         out_dim = mlp.fc2.weight.shape[0]
-        experts = cls(num_experts, in_dim, hidden_dim, out_dim).to(mlp.fc1.weight)
+        experts = cls(num_experts, in_dim, hidden_dim, out_dim, getattr(mlp, "act", "gelu")).to(mlp.fc1.weight)
         with torch.no_grad():
             for name in ("fc1", "fc2"):
                 linear = getattr(mlp, name)

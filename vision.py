@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe import GELUExperts, MoEConfig, MoELayer, moe_layer_indices
+from moe import ACTIVATIONS, GELUExperts, MoEConfig, MoELayer, moe_layer_indices
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class ViTConfig:
     select_layer: int = -2  # which hidden state the VLM takes (LLaVA: -2, the second-to-last layer's output)
     stem: str = "patch"  # patch: one strided convolution (ViT, CLIP); conv: stride-2 3x3 convolutions (ours)
     norm_eps: float = 1e-5
+    act: str = "gelu"  # the MLP's activation: gelu, or quick_gelu (OpenAI's CLIP; weights.py sets it from the folder)
     moe_layers: str = ""  # "" = dense; else which blocks' MLPs are MoE layers (CuMo: all), as the LLM's moe_layers
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -60,6 +61,8 @@ class ViTConfig:
         if not -(self.layers + 1) <= self.select_layer <= self.layers:  # hidden states 0..layers
             raise ValueError(f"ViTConfig: select_layer={self.select_layer} is outside the "
                              f"{self.layers + 1} hidden states")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"ViTConfig: act={self.act!r}: choose one of {sorted(ACTIVATIONS)}")
         if self.moe_layers:
             moe_layer_indices(self.moe_layers, self.layers_in_use)  # fail early on a bad placement
 
@@ -110,13 +113,14 @@ class MLP(nn.Module):
     moe.GELUExperts is the expert form of this module (CuMo upcycles both into MoE blocks).
     """
 
-    def __init__(self, in_dim, hidden_dim, out_dim):
+    def __init__(self, in_dim, hidden_dim, out_dim, act="gelu"):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.act, self.act_fn = act, ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act_fn(self.fc1(x)))
 
 
 def conv_stem(config: ViTConfig):
@@ -144,8 +148,11 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
         hidden = int(config.mlp_ratio * config.width)
-        self.mlp = MoELayer(config.moe, GELUExperts(config.moe.num_experts, config.width, hidden, config.width)) \
-            if use_moe else MLP(config.width, hidden, config.width)
+        if use_moe:
+            experts = GELUExperts(config.moe.num_experts, config.width, hidden, config.width, config.act)
+            self.mlp = MoELayer(config.moe, experts)
+        else:
+            self.mlp = MLP(config.width, hidden, config.width, config.act)
 
     @property
     def is_moe(self):

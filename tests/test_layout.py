@@ -60,6 +60,7 @@ def imports_of(path):
     ("data.py", {"model", "moe", "vision", "train", "eval", "parallel"}),
     ("parallel.py", {"train", "eval", "data", "model"}),
     ("eval.py", {"train"}),
+    ("weights.py", {"train", "eval", "parallel"}),
 ])
 def test_imports_run_one_way(path, never):
     assert not imports_of(path) & never
