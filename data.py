@@ -29,6 +29,7 @@ import os
 import random
 import re
 import sys
+import unicodedata
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
@@ -359,6 +360,8 @@ class Tokenizer:
     """A tiktoken Encoding plus the ids the pipeline needs: end-of-text (also used as padding) and `<image>`."""
     encoding: tiktoken.Encoding
     name: str
+    specials: tuple = SPECIAL_TOKENS  # the special tokens that text may contain (a model folder's: all it added)
+    nfc: bool = False  # NFC-normalise text before encoding (some model folders' tokenizers do)
 
     @property
     def vocab_size(self):
@@ -374,7 +377,8 @@ class Tokenizer:
 
     def encode(self, text):
         # our two special tokens are read as such; any other special token of a named encoding is plain text
-        return self.encoding.encode(text, allowed_special=set(SPECIAL_TOKENS), disallowed_special=())
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
+        return self.encoding.encode(text, allowed_special=set(self.specials), disallowed_special=())
 
     def decode(self, ids):
         return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])

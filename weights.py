@@ -19,6 +19,8 @@ those weights load into it once three things agree:
                         into our one qkv matrix. A missing, unexpected or mis-shaped tensor stops the load and is
                         named.
 
+  4. the tokenizer      the folder's byte-level BPE (tokenizer.json) as a tiktoken Encoding, plus `<image>`.
+
 tests/test_weights.py builds tiny random models with Hugging Face transformers (a test-only peer), saves them as
 folders, loads them here and checks that the logits and the greedy generations match.
 """
@@ -29,6 +31,7 @@ import struct
 
 import torch
 
+import data as D
 from model import LLM, LLMConfig
 from vision import ViT, ViTConfig
 
@@ -289,3 +292,70 @@ def load_vit(folder, select_layer=-2):
     vit = ViT(config)
     load_into(vit, state, folder)
     return vit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The tokenizer: a folder's byte-level BPE (tokenizer.json) as a tiktoken Encoding
+
+# GPT-2's pre-tokenisation pattern, which a ByteLevel pre-tokenizer with use_regex=true applies
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_to_unicode():
+    """GPT-2's table from the 256 bytes to printable characters, in which byte-level vocabularies are written:
+    printable ASCII and Latin-1 bytes stand for themselves, the other 68 become the characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def split_pattern(pre):
+    """The regex a tokenizer.json pre_tokenizer splits text with, or None if it is not a byte-level one."""
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    pattern, byte_level = None, False
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            pattern = step["pattern"]["Regex"]
+        elif step.get("type") == "ByteLevel":
+            byte_level = True
+            pattern = pattern or (GPT2_PATTERN if step.get("use_regex", True) else None)
+    return pattern if byte_level else None
+
+
+def tokenizer_from_folder(folder):
+    """A data.Tokenizer computing the same ids as the folder's tokenizer.json (byte-level BPE: GPT-2, Qwen2,
+    SmolLM, Llama 3), with its added tokens as special tokens and `<image>` appended. tiktoken merges the pair
+    whose merged token has the lowest id; for these vocabularies, whose ids follow the merge order, that is the
+    same as merging by the merge list's order (the tests compare the two on many texts)."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise BadWeights(f"{folder} has no tokenizer.json") from None
+    except json.JSONDecodeError:
+        raise BadWeights(f"{path} is not valid JSON") from None
+    model, pattern = spec.get("model") or {}, split_pattern(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pattern is None:
+        raise BadWeights(f"{path} is not a byte-level BPE (a SentencePiece-style tokenizer, as Llama 2's, cannot be "
+                         "converted exactly)")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise BadWeights(f"{path} uses a {normalizer} normalizer, which the conversion does not reproduce")
+    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        ranks = {bytes(to_byte[c] for c in token): i for token, i in model["vocab"].items()}
+    except KeyError:
+        raise BadWeights(f"{path}: a vocabulary entry is not written in byte-level characters") from None
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}  # matched whole, never built by merges
+    ranks = {token: i for token, i in ranks.items() if i not in set(added.values())}
+    encoding = D.with_special_tokens(os.path.basename(os.path.normpath(folder)), pattern, ranks, added)
+    return D.Tokenizer(encoding, f"folder:{folder}", specials=tuple(encoding.special_tokens_set),
+                       nfc=normalizer == "NFC")

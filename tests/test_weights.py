@@ -3,6 +3,7 @@ our LLM so that it computes what the reference implementation (Hugging Face tran
 computes."""
 import json
 import struct
+import unicodedata
 
 import pytest
 import torch
@@ -166,3 +167,47 @@ def test_a_clip_folder_loads_into_our_vit_exactly(tmp_path, act):
             expected = out.hidden_states[layer][:, 1:]
             assert (ours.features(pixels, select_layer=layer)[0] - expected).abs().max() < 1e-5
         assert (ours.embed(pixels) - out.pooler_output).abs().max() < 1e-5  # post-norm class token
+
+
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+")
+TEXTS = ["Hello world", "  leading spaces and   runs of them ", "digits 1234567, 3.14 and -42%",
+         "unicode: café naïve Straße 東京 😀, and a decomposed e\u0301",
+         "<|im_start|>user\nWhat is it?<|im_end|>\n", "tabs\tand\nnewlines\r\n\n",
+         "What's the colour? It'll be RED; they've said so.", "", "<|endoftext|>x<|endoftext|>"]
+
+
+@pytest.mark.parametrize("style", ["qwen2", "gpt2"])
+def test_a_folder_tokenizer_converts_to_the_same_ids(tmp_path, style):
+    """A byte-level BPE trained with the `tokenizers` library (the one model folders' tokenizer.json comes from),
+    in Qwen2's form (NFC, a Split regex, then ByteLevel) and GPT-2's (ByteLevel with its own regex)."""
+    tk = pytest.importorskip("tokenizers", reason="tokenizers is a test-only peer; .ci/run installs transformers")
+    bpe = tk.Tokenizer(tk.models.BPE())
+    if style == "qwen2":
+        bpe.normalizer = tk.normalizers.NFC()
+        bpe.pre_tokenizer = tk.pre_tokenizers.Sequence([
+            tk.pre_tokenizers.Split(tk.Regex(QWEN2_PATTERN), behavior="isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tk.decoders.ByteLevel()
+    corpus = [t * 3 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 5, "0123456789 " * 9]
+    bpe.train_from_iterator(corpus, tk.trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    ours = W.tokenizer_from_folder(str(tmp_path))
+    for text in TEXTS + ["an unseen sentence: Zürich, 987 + 65 = 1052!"]:
+        assert ours.encode(text) == bpe.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == (text if style == "gpt2" else unicodedata.normalize("NFC", text))
+    assert ours.eos_id == bpe.token_to_id("<|endoftext|>")
+    assert ours.image_id == bpe.get_vocab_size()  # appended after the folder's own ids
+
+
+def test_a_tokenizer_that_cannot_convert_exactly_is_refused(tmp_path):
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(W.BadWeights, match="not a byte-level BPE"):
+        W.tokenizer_from_folder(str(tmp_path))
+    with pytest.raises(W.BadWeights, match="has no tokenizer.json"):
+        W.tokenizer_from_folder(str(tmp_path / "nowhere"))
