@@ -362,14 +362,16 @@ class Tokenizer:
     name: str
     specials: tuple = SPECIAL_TOKENS  # the special tokens that text may contain (a model folder's: all it added)
     nfc: bool = False  # NFC-normalise text before encoding (some model folders' tokenizers do)
+    folder: str = ""  # name "folder": the folder whose tokenizer.json it was read from (weights.py)
+    chat: str = "chat"  # the chat format of stages II-III (CHAT_FORMATS); its end token is eos_id
 
     @property
     def vocab_size(self):
         return self.encoding.n_vocab
 
     @property
-    def eos_id(self):
-        return self.encoding.encode_single_token(END_OF_TEXT)
+    def eos_id(self):  # the token that ends an answer in the chat format; also the padding
+        return self.encoding.encode_single_token(CHAT_FORMATS[self.chat].end)
 
     @property
     def image_id(self):
@@ -417,30 +419,77 @@ def load_tokenizer(name, builtin_dir=None):
 
 CHAT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                "helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a conversation is written out for the LLM in stages II-III: an opening with the system prompt, then per
+    turn the question, the answer (supervised, ending with `end`, where generation stops) and what follows it."""
+    opening: str  # {system} is replaced by CHAT_SYSTEM
+    question: str  # {q} is replaced by the question; ends where the answer begins
+    answer: str  # {a} is replaced by the answer
+    end: str  # the special token that ends an answer: its id stops generation (and pads batches)
+    after: str = ""  # unsupervised text after the end token
+
+
+CHAT_FORMATS = {
+    # MoE-LLaVA's own (its `phi` style), the format of the built-in tokenizer and of any folder that has <|endoftext|>
+    "chat": ChatFormat("{system} ", "USER: {q} ASSISTANT:", " {a}" + END_OF_TEXT, END_OF_TEXT),
+    # ChatML, the format Qwen2 and SmolLM2 were tuned on
+    "chatml": ChatFormat("<|im_start|>system\n{system}<|im_end|>\n",
+                         "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", "{a}<|im_end|>", "<|im_end|>",
+                         after="\n"),
+    # Llama 3's
+    "llama3": ChatFormat("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+                         "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n", "{a}<|eot_id|>", "<|eot_id|>"),
+}
+TEMPLATES = ("plain", *CHAT_FORMATS)  # plain: stage I; a chat format: stages II-III
 
 
 def render(conversations, template):
-    """Turn LLaVA turns into text pieces (text, supervised?) -- MoE-LLaVA's `plain` and `phi` conversation styles.
+    """Turn LLaVA turns into text pieces (text, supervised?) -- MoE-LLaVA's `plain` style, or a chat format.
 
-    plain (stage I):  <image> caption \\n            -- the human turn is replaced by the image alone
-    chat (II, III):   {system} USER: <image>\\n{q} ASSISTANT: {a}<|endoftext|>USER: {q2} ASSISTANT: {a2}<|endoftext|>
-    Only the answers (with their end marker) are supervised. The answer piece starts with the space after
+    plain (stage I):  <image> caption \n            -- the human turn is replaced by the image alone
+    chat (II, III):   {system} USER: <image>\n{q} ASSISTANT: {a}<|endoftext|>USER: {q2} ASSISTANT: {a2}<|endoftext|>
+    Only the answers (with their end marker) are supervised. The `chat` answer piece starts with the space after
     "ASSISTANT:", so a prompt ending in "ASSISTANT:" is exactly what generation starts from.
     """
     if template == "plain":
         return [(IMAGE_PLACEHOLDER, False), (conversations[1]["value"] + "\n", True)]
-    pieces = [(CHAT_SYSTEM + " ", False)]  # the official separators: " " after the system, END_OF_TEXT after answers
+    form = CHAT_FORMATS[template]
+    pieces = [(form.opening.replace("{system}", CHAT_SYSTEM), False)]
     for human, gpt in zip(conversations[0::2], conversations[1::2]):
-        pieces.append((f"USER: {human['value']} ASSISTANT:", False))
-        pieces.append((f" {gpt['value']}{END_OF_TEXT}", True))
+        pieces.append((form.question.replace("{q}", human["value"]), False))
+        pieces.append((form.answer.replace("{a}", gpt["value"]), True))
+        if form.after:
+            pieces.append((form.after, False))
     return pieces
 
 
-def chat_prompt(question, with_image=True):
+def prompt_pieces(conversations, template):
+    """The pieces of a rendered conversation up to where its last answer begins: what generation starts from."""
+    pieces = render(conversations, template)
+    last_answer = max(i for i, (_, supervised) in enumerate(pieces) if supervised)
+    return pieces[:last_answer]
+
+
+def chat_prompt(question, with_image=True, template="chat"):
     """The prompt for one question, ending where the assistant's answer begins (for generation)."""
     question = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image else question
-    return render([{"from": "human", "value": question}, {"from": "gpt", "value": ""}], "chat")[:-1]
+    return prompt_pieces([{"from": "human", "value": question}, {"from": "gpt", "value": ""}], template)
+
+
+def check_chat_format(tokenizer):
+    """Raise ValueError unless every special marker of the tokenizer's chat format is one of its special tokens."""
+    if tokenizer.chat not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {tokenizer.chat!r}: choose one of {', '.join(CHAT_FORMATS)}")
+    form = CHAT_FORMATS[tokenizer.chat]
+    markers = set(re.findall(r"<\|[a-z_]+\|>", form.opening + form.question + form.answer))
+    missing = sorted(markers - set(tokenizer.specials))
+    if missing:
+        raise ValueError(f"the {tokenizer.chat!r} chat format needs the special token(s) {', '.join(missing)}, "
+                         f"which the {tokenizer.name} tokenizer does not have")
 
 
 def tokenize(pieces, tokenizer, num_image_tokens, supervise_all=False):
@@ -578,19 +627,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, u
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path, size):
-    """RGB, resized to size x size, normalised: (3, size, size) float32. Raises OSError if unreadable.
-
-    LLaVA-1.5 pads non-square images to a square before resizing; our scenes are square, and real images are
-    simply resized (stretched).
-    """
+def load_image(path, size, resize="stretch"):
+    """RGB, made size x size (image_tensor), normalised: (3, size, size) float32. Raises OSError if unreadable."""
     with Image.open(path) as im:
-        return image_tensor(im, size)
+        return image_tensor(im, size, resize)
 
 
-def image_tensor(im, size):
-    """A PIL image as the model reads it: RGB, resized to size x size, normalised (3, size, size) float32."""
-    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+IMAGE_RESIZES = ("stretch", "crop", "pad")
+
+
+def image_tensor(im, size, resize="stretch"):
+    """A PIL image as the model reads it: RGB, size x size, normalised with CLIP's mean and std (3, size, size).
+
+    How a non-square image becomes square (ViTConfig.image_resize): stretch (our scenes are square, so nothing is
+    lost); crop (CLIP's own preprocessing: the shorter side to size, then the centre, so the edges of a wide
+    picture are cut off); pad (MoE-LLaVA and LLaVA-1.5: the picture in the middle of a square of the mean colour,
+    which normalises to 0, then resized, so nothing is cut off).
+    """
+    im = im.convert("RGB")
+    w, h = im.size
+    if resize == "crop" and w != h:
+        scale = size / min(w, h)
+        im = im.resize((max(size, int(w * scale)), max(size, int(h * scale))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    elif resize == "pad" and w != h:
+        square = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in CLIP_MEAN))
+        square.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        im = square
+    elif resize not in IMAGE_RESIZES:
+        raise ValueError(f"unknown image resize {resize!r}: choose one of {', '.join(IMAGE_RESIZES)}")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -622,10 +690,11 @@ class Batches:
     An image that cannot be read drops its sample from the batch, counted in Batch.skipped (never a crash).
     """
 
-    def __init__(self, examples, batch_size, image_size, pad_id, seed=0, cache_images=False):
+    def __init__(self, examples, batch_size, image_size, pad_id, seed=0, cache_images=False, image_resize="stretch"):
         if len(examples) < batch_size:
             raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
         self.examples, self.batch_size, self.image_size = examples, batch_size, image_size
+        self.image_resize = image_resize
         self.pad_id, self.seed = pad_id, seed
         self.cache = {} if cache_images else None
         self.per_epoch = len(examples) // batch_size
@@ -645,7 +714,7 @@ class Batches:
     def image(self, path):
         if self.cache is not None and path in self.cache:
             return self.cache[path]
-        x = load_image(path, self.image_size)
+        x = load_image(path, self.image_size, self.image_resize)
         if self.cache is not None:
             self.cache[path] = x
         return x

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
+import weights as W
 from model import IMAGE_TOKEN_INDEX, VLM, VLMConfig, autocast, load_checkpoint
 from vision import PretrainHead
 
@@ -104,8 +105,10 @@ def load_model(ckpt_dir, device):
     vlm = VLM(VLMConfig.from_dict(meta["model_config"]))
     vlm.load_state_dict(state["model"])
     try:
-        tokenizer = D.load_tokenizer(meta["tokenizer"], ckpt_dir)
-    except (FileNotFoundError, RuntimeError) as e:
+        chat = meta.get("chat_template", "chat")  # (checkpoints from before the chat formats: chat)
+        tokenizer = W.tokenizer_from_folder(ckpt_dir, chat) if meta["tokenizer"] == "folder" else \
+            dataclasses.replace(D.load_tokenizer(meta["tokenizer"], ckpt_dir), chat=chat)
+    except (FileNotFoundError, RuntimeError, W.BadWeights) as e:
         raise SystemExit(f"error: {e}") from None
     meta["checkpoint"] = ckpt_dir
     return vlm.to(device).eval(), tokenizer, meta
@@ -128,7 +131,7 @@ class Question:
 BLIND_CONTROLS = ("blank", "shuffled", "none")
 
 
-def image_loader(images, paths, size):
+def image_loader(images, paths, size, resize="stretch"):
     """path -> the pixels a question is asked with: its own image (real); one grey picture, the same for every
     question (blank); or another question's image (shuffled: each of the distinct `paths` replaced by the next
     one in sorted order, so every question sees a different scene and the set of pictures stays the same)."""
@@ -138,8 +141,8 @@ def image_loader(images, paths, size):
     if images == "shuffled":
         distinct = sorted(set(paths))
         other = dict(zip(distinct, distinct[1:] + distinct[:1]))
-        return lambda path: D.load_image(other[path], size)
-    return lambda path: D.load_image(path, size)
+        return lambda path: D.load_image(other[path], size, resize)
+    return lambda path: D.load_image(path, size, resize)
 
 
 def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers",
@@ -152,8 +155,8 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
     blind control (image_loader).
     """
     answers = [None] * len(questions)
-    size = vlm.config.vision.image_size
-    picture = image_loader(images, [q.image for q in questions if q.image is not None], size)
+    size, resize = vlm.config.vision.image_size, vlm.config.vision.image_resize
+    picture = image_loader(images, [q.image for q in questions if q.image is not None], size, resize)
     chunks = []  # a chunk never mixes answer lengths: each question was checked to fit with its own
     for new in sorted({q.max_new_tokens for q in questions}):
         group = sorted((i for i, q in enumerate(questions) if q.max_new_tokens == new),
@@ -194,10 +197,11 @@ def chat(vlm, tokenizer, prompt, image_path, device, max_new_tokens):
     pixels = None
     if image_path:
         try:
-            pixels = D.load_image(image_path, vlm.config.vision.image_size)[None].to(device)
+            vision = vlm.config.vision
+            pixels = D.load_image(image_path, vision.image_size, vision.image_resize)[None].to(device)
         except (OSError, ValueError, SyntaxError) as e:
             raise SystemExit(f"error: the image {image_path} cannot be read ({e})") from None
-    ids, _ = D.tokenize(D.chat_prompt(prompt, pixels is not None), tokenizer, vlm.num_image_tokens)
+    ids, _ = D.tokenize(D.chat_prompt(prompt, pixels is not None, tokenizer.chat), tokenizer, vlm.num_image_tokens)
     room = vlm.config.llm.max_seq_len - len(ids)
     if room < 1:
         raise SystemExit(f"error: the prompt takes {len(ids)} tokens, the model reads at most "
@@ -241,10 +245,10 @@ def is_correct(answer, reference, qtype):
     return normalize_answer(answer) == normalize_answer(reference)
 
 
-def turn_prompt(conv, turn):
+def turn_prompt(conv, turn, template="chat"):
     """The chat prompt for turn `turn` of a conversation: the earlier turns with their reference answers, then
-    the question, ending at "ASSISTANT:" (render's last piece is the answer, left out)."""
-    return D.render(conv[:2 * turn + 2], "chat")[:-1]
+    the question, ending where the answer begins ("ASSISTANT:" in the `chat` format)."""
+    return D.prompt_pieces(conv[:2 * turn + 2], template)
 
 
 def vqa_questions(samples, image_folder, tokenizer, vlm, config, log=print):
@@ -254,7 +258,7 @@ def vqa_questions(samples, image_folder, tokenizer, vlm, config, log=print):
     max_len = vlm.config.llm.max_seq_len
     for sample in samples:
         try:
-            conv = D.check_conversation(sample, "chat")
+            conv = D.check_conversation(sample, tokenizer.chat)
         except D.BadSample as e:
             bad[str(e)] += 1
             continue
@@ -269,7 +273,7 @@ def vqa_questions(samples, image_folder, tokenizer, vlm, config, log=print):
         for turn in range(len(conv) // 2):
             qtype = types[turn] if turn < len(types) and isinstance(types[turn], str) else "untyped"
             new = config.description_tokens if qtype == "description" else config.max_new_tokens
-            ids, _ = D.tokenize(turn_prompt(conv, turn), tokenizer, vlm.num_image_tokens)
+            ids, _ = D.tokenize(turn_prompt(conv, turn, tokenizer.chat), tokenizer, vlm.num_image_tokens)
             if len(ids) + new > max_len:
                 bad["prompt too long"] += 1
                 continue
@@ -377,7 +381,8 @@ def pope_questions(probe, image_folder, tokenizer, vlm, config):
         for scene, kind, present in items:
             key = (scene["image"], kind)
             if key not in unique:
-                ids, _ = D.tokenize(D.chat_prompt(pope_question(kind)), tokenizer, vlm.num_image_tokens)
+                prompt = D.chat_prompt(pope_question(kind), template=tokenizer.chat)
+                ids, _ = D.tokenize(prompt, tokenizer, vlm.num_image_tokens)
                 unique[key] = Question(ids, os.path.join(image_folder, scene["image"]), "yes" if present else "no",
                                        "pope", pope_question(kind), config.max_new_tokens)
     return unique
@@ -407,7 +412,7 @@ def probe_features(vit, scenes, folder, batch_size=100):
     device = next(vit.parameters()).device
     feats, pixels = [], []
     for i in range(0, len(scenes), batch_size):
-        x = torch.stack([D.load_image(os.path.join(folder, s["image"]), vit.config.image_size)
+        x = torch.stack([D.load_image(os.path.join(folder, s["image"]), vit.config.image_size, vit.config.image_resize)
                          for s in scenes[i:i + batch_size]])
         feats.append(vit(x.to(device)).float().flatten(1).cpu())
         pixels.append(x.flatten(1))
@@ -494,7 +499,8 @@ def caption_word_accuracy(vit, captioner, tokenizer, captions, folder, batch_siz
         ids = torch.full((len(texts), max(map(len, texts))), -1, dtype=torch.long)
         for row, t in enumerate(texts):
             ids[row, :len(t)] = torch.tensor(t)
-        pixels = torch.stack([D.load_image(os.path.join(folder, c["image"]), vit.config.image_size) for c in chunk])
+        pixels = torch.stack([D.load_image(os.path.join(folder, c["image"]), vit.config.image_size,
+                                           vit.config.image_resize) for c in chunk])
         said = captioner.logits(vit, pixels.to(device), ids.clamp(min=0).to(device)).argmax(-1).cpu()
         tally.add(said, ids)
     return tally.accuracy()
@@ -599,7 +605,8 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
     n_vision = len(groups["vision"].layers) if "vision" in groups else 0
     if not examples:
         return None, {}
-    batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id)
+    batches = D.Batches(examples, min(batch_size, len(examples)), vlm.config.vision.image_size, tokenizer.eos_id,
+                        image_resize=vlm.config.vision.image_resize)
     ce_sum, ce_tokens = 0.0, 0
     starts = rt.mine(range(0, len(examples), batch_size))
     for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
@@ -788,7 +795,7 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
         if data.scenes is not None:
             blind["pope"] = timed(f"POPE, {config.blind} images", run_pope, vlm, tokenizer, data, config, device,
                                   out, rt, images=config.blind)
-    answers = examples_of(data.samples, data.answer_file, "chat", data.folder, tokenizer, vlm, log)
+    answers = examples_of(data.samples, data.answer_file, tokenizer.chat, data.folder, tokenizer, vlm, log)
     answer_ce, groups = timed("answer loss and routing", loss_and_routing, vlm, answers, tokenizer,
                               config.batch_size, device, config.progress, "answer loss", rt)
     metrics["loss"] = {"answer_ce": answer_ce}
@@ -1119,7 +1126,7 @@ def patch_routing_maps(vlm, image_paths, device):
     """The first choice of every patch at each vision-side MoE layer (ViT blocks, then the projector), for a few
     images: (layers, images, side, side) expert indices, patches in raster order as the ViT cuts them."""
     size, patches = vlm.config.vision.image_size, vlm.num_image_tokens
-    pixels = torch.stack([D.load_image(p, size) for p in image_paths]).to(device)
+    pixels = torch.stack([D.load_image(p, size, vlm.config.vision.image_resize) for p in image_paths]).to(device)
     with autocast(device):
         features, routing = vlm.vision.features(pixels, dropless=True)
         _, projector_routing = vlm.project(features, dropless=True)

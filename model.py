@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -342,6 +343,7 @@ class LLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self)
+        self.grad_checkpointing = False  # train.py --grad_checkpointing: less memory, one more forward per block
         mole_blocks = set(moe_layer_indices(config.mole_layers, config.n_layer))
         for i, block in enumerate(self.blocks):  # after init_weights: LoRA's B must stay zero
             if config.lora_targets or i in mole_blocks:
@@ -373,7 +375,12 @@ class LLM(nn.Module):
 
         routing = []
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, cos, sin, attn_mask, token_mask, image_mask, cache, i, dropless)
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward pass
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, token_mask, image_mask,
+                                                             None, i, dropless, use_reentrant=False)
+            else:
+                x, stats = block(x, cos, sin, attn_mask, token_mask, image_mask, cache, i, dropless)
             if stats is not None:
                 routing.append(stats)
         if cache is not None:

@@ -62,6 +62,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -72,6 +73,7 @@ from tqdm import tqdm
 
 import data as D
 import parallel as P
+import weights as W
 from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss,
                    param_counts, save_checkpoint, write_meta)
 from moe import LoRA, LoRASwiGLUExperts, MoEConfig, MoELayer
@@ -90,6 +92,9 @@ class TrainConfig:
     val_data_path: str = ""  # its validation file(s) (without one, validation is skipped for user data)
     image_folder: str = ""  # where the JSON's image paths are relative to (default: data_dir)
     tokenizer: str = "builtin"  # builtin (learned from the built-in corpus) or a tiktoken name: gpt2, cl100k_base
+    chat_template: str = ""  # stages II-III: chat, chatml, llama3 (data.CHAT_FORMATS); "": as before or the folder's
+    vision_from: str = ""  # stage I: start from this CLIP model folder instead of stage 0 (with llm_from; weights.py)
+    llm_from: str = ""  # stage I: a Llama/Qwen2-family folder (config.json, *.safetensors, tokenizer.json)
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
     compile: bool = False  # torch.compile the VLM's forward (stages I-III)
@@ -134,6 +139,7 @@ class TrainConfig:
     stage2_train_vit: bool = False  # departs from MoE-LLaVA (ViT frozen after pretraining): stage II trains it too
     vit_lr_scale: float = 0.1  # the ViT's learning rate, as a fraction of the stage's, when a stage trains it
     max_bad_fraction: float = 0.05  # more bad samples than this stops at load time
+    grad_checkpointing: bool = False  # recompute the LLM blocks' activations in the backward pass: less memory
     resume: bool = False  # continue the stage from its own checkpoint
     progress: bool = True  # show a progress bar
 
@@ -144,6 +150,12 @@ TRAIN_PRESETS = {
     "small": TrainConfig(preset="small", batch_size=32, clip_batch_size=256, stage0_iters=3000, stage1_iters=500,
                          stage2_iters=3000, stage3_iters=1500, stage0_lr=6e-4, stage2_lr=3e-4, stage3_lr=1e-4,
                          eval_interval=500, ckpt_interval=500),
+    # real backbones (--vision_from, --llm_from; no stage 0): MoE-LLaVA's stage I-III settings -- the projector
+    # alone in stage I at 1e-3, then 2e-5, global batch 128 (its stage I uses 256), about one epoch of LLaVA-558K
+    # (stage I) and LLaVA-665K (stages II, III) each
+    "pretrained": TrainConfig(preset="pretrained", batch_size=16, global_batch=128, stage1_iters=4360,
+                              stage2_iters=5200, stage3_iters=5200, stage1_lr=1e-3, stage2_lr=2e-5, stage3_lr=2e-5,
+                              stage1_train_llm=False, eval_interval=500, ckpt_interval=500),
 }
 # A recipe is a set of defaults: where the experts go, what each stage trains, the MoE losses. Any piece can still
 # be set on its own (--recipe=cumo --moe_layers=sparse puts experts in the ViT, the projector *and* the LLM).
@@ -195,9 +207,9 @@ def load_stage_data(stage, config, tokenizer, vlm_config, split):
         pairs = load(path, template="plain", num_image_tokens=0)
         # the LLM learns language from every text of the stage II data (or the user's file), images left out
         text_path = user_file or os.path.join(config.data_dir, f"instruct_{split}.json")
-        text = load(text_path, template="chat", num_image_tokens=0, supervise_all=True, keep_images=False)
+        text = load(text_path, template=tokenizer.chat, num_image_tokens=0, supervise_all=True, keep_images=False)
         return pairs, text
-    template = "plain" if stage == 1 else "chat"
+    template = "plain" if stage == 1 else tokenizer.chat
     return load(path, template=template, num_image_tokens=vlm_config.vision.num_patches)
 
 
@@ -206,6 +218,8 @@ def build_model(stage, config, nested, own, prev, tokenizer):
     then upcycles: each chosen FFN becomes an MoE layer whose experts are copies of it (moe.MoELayer.upcycle).
     Resuming loads the stage's own checkpoint into the same architecture."""
     try:
+        if stage == 1 and prev is None and own is None:  # real backbones, from model folders (weights.py)
+            return vlm_from_folders(config, nested, tokenizer), None
         if stage == 0 and own is None:
             base = PRESETS[config.preset]
             vlm_config = VLMConfig(vision=replace(base.vision, **nested["vision"]),
@@ -247,6 +261,21 @@ def build_model(stage, config, nested, own, prev, tokenizer):
                                  f"with the same value")
             head.load_state_dict(own["head"])
     return vlm, head
+
+
+def vlm_from_folders(config, nested, tokenizer):
+    """Stage I's VLM from a CLIP folder and an LLM folder (weights.py): the ViT and the LLM as pretrained, a new
+    projector between them. The LLM's vocabulary must hold every id the tokenizer writes into a training batch."""
+    try:
+        vision, llm = W.load_vit(config.vision_from), W.load_llm(config.llm_from)
+    except W.BadWeights as e:
+        raise SystemExit(f"error: {e}") from None
+    if tokenizer.eos_id >= llm.config.vocab_size:
+        raise SystemExit(f"error: the tokenizer's end-of-text token {D.END_OF_TEXT!r} (id {tokenizer.eos_id}) lies "
+                         f"outside {config.llm_from}'s vocabulary of {llm.config.vocab_size}")
+    vlm = VLM(VLMConfig(vision=vision.config, llm=llm.config, projector=nested.get("projector", "mlp2x_gelu")))
+    vlm.vision, vlm.llm = vision, llm
+    return vlm
 
 
 def set_trainable(stage, vlm, config):
@@ -380,6 +409,7 @@ def setup_stage(stage, config, nested, rt, log):
     own, prev = stage_inputs(stage, config, rt, log)
     tokenizer, data_config = stage_tokenizer(stage, config, nested, own, prev, rt)
     vlm, head = build_model(stage, config, nested, own, prev, tokenizer)
+    vlm.llm.grad_checkpointing = config.grad_checkpointing
     vlm.to(rt.device)
     if head is not None:
         head.to(rt.device)
@@ -411,7 +441,8 @@ def setup_stage(stage, config, nested, rt, log):
     if config.compile and stage > 0:
         train_model = torch.compile(train_model)
     meta = {"stage": stage, "step": 0, "iters": iters, "done": False, "tokenizer": tokenizer.name,
-            "model_config": asdict(vlm.config), "train_config": asdict(config), "data_config": asdict(data_config),
+            "chat_template": tokenizer.chat, "model_config": asdict(vlm.config), "train_config": asdict(config),
+            "data_config": asdict(data_config),
             "counts": counts, "val": {}, "elapsed_s": 0.0, "world_size": rt.world, "global_batch": global_batch}
     st = Stage(number=stage, out=stage_dir(config, stage), vlm=vlm, head=head, model=model, train_model=train_model,
                optimizer=optimizer, params=params, train=train, val=val, tokenizer=tokenizer, iters=iters,
@@ -436,7 +467,7 @@ def stage_inputs(stage, config, rt, log):
         else:
             log(f"stage {stage}: no checkpoint in {out} to resume from; starting the stage from the beginning")
     prev = None
-    if stage > 0:
+    if stage > 0 and not (stage == 1 and config.llm_from):  # (stage I from model folders has no stage 0)
         prev = load_checkpoint(previous, f"stage {stage}'s input, the stage-{stage - 1} checkpoint",
                                f"python train.py --stage {stage - 1} --out_dir {config.out_dir}")
     return own, prev
@@ -452,11 +483,18 @@ def stage_tokenizer(stage, config, nested, own, prev, rt):
         data_config = D.BuiltinConfig(**{**start_meta.get("data_config", {}), **nested["data"]})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if stage == 1 and config.llm_from and own is None:  # real backbones: the LLM folder's own tokenizer
+        tokenizer_name, token_dir = "folder", config.llm_from
     if not config.data_path or (tokenizer_name == "builtin" and token_dir == config.data_dir):
         draw_builtin_data(config, data_config, rt)
+    chat = config.chat_template or start_meta.get("chat_template", "")
     try:
-        return D.load_tokenizer(tokenizer_name, token_dir), data_config
-    except (FileNotFoundError, RuntimeError) as e:
+        if tokenizer_name == "folder":
+            return W.tokenizer_from_folder(token_dir, chat), data_config
+        tokenizer = replace(D.load_tokenizer(tokenizer_name, token_dir), chat=chat or "chat")
+        D.check_chat_format(tokenizer)
+        return tokenizer, data_config
+    except (FileNotFoundError, RuntimeError, ValueError, W.BadWeights) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -482,7 +520,7 @@ def stage_batches(stage, config, tokenizer, vlm_config):
         size = min(batch_size, len(examples)) if shorten else batch_size
         try:
             return D.Batches(examples, size, vlm_config.vision.image_size, tokenizer.eos_id, seed=config.seed + stage,
-                             cache_images=not config.data_path)
+                             cache_images=not config.data_path, image_resize=vlm_config.vision.image_resize)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     if stage == 0:
@@ -683,13 +721,13 @@ def answer_check(vlm, tokenizer, config, path, device, n=96, show=3, max_new_tok
     files = path.split(",")  # several files: the first n // len(files) of each
     for sample in [sample for file in files for sample in D.read_json(file)[:n // len(files)]]:
         try:
-            conv = D.check_conversation(sample, "chat")
-            image = None if sample.get("image") is None else D.load_image(os.path.join(folder, sample["image"]),
-                                                                           vlm.config.vision.image_size)
+            conv = D.check_conversation(sample, tokenizer.chat)
+            image = None if sample.get("image") is None else D.load_image(
+                os.path.join(folder, sample["image"]), vlm.config.vision.image_size, vlm.config.vision.image_resize)
         except (D.BadSample, OSError, ValueError, SyntaxError):
             continue
         question = conv[0]["value"].replace(D.IMAGE_PLACEHOLDER, "").strip()
-        ids, _ = D.tokenize(D.chat_prompt(question, image is not None), tokenizer, vlm.num_image_tokens)
+        ids, _ = D.tokenize(D.chat_prompt(question, image is not None, tokenizer.chat), tokenizer, vlm.num_image_tokens)
         if len(ids) + max_new_tokens > vlm.config.llm.max_seq_len:
             continue
         prompts.append((ids, image))
@@ -767,6 +805,10 @@ def save_tokenizer(tokenizer, directory):
     """A checkpoint folder is self-contained: the built-in BPE (the one this model reads) is written into it."""
     if tokenizer.name == "builtin":
         D.save_bpe(os.path.join(directory, D.BUILTIN_TOKENIZER_FILE), tokenizer.encoding._mergeable_ranks)
+    source = os.path.join(tokenizer.folder, "tokenizer.json")
+    if tokenizer.name == "folder" and os.path.abspath(source) != os.path.abspath(os.path.join(directory,
+                                                                                                "tokenizer.json")):
+        shutil.copyfile(source, os.path.join(directory, "tokenizer.json"))  # a model folder's, as it was
 
 
 def write_log(st, rt, record):
@@ -850,6 +892,14 @@ def parse_args(argv):
         nested["projector"] = args["projector"]
     if config.stage3_train not in ("moe", "all", "lora"):
         raise SystemExit(f"error: --stage3_train={config.stage3_train} must be moe, all or lora")
+    if (config.vision_from or config.llm_from) and (stages != [1] or not (config.vision_from and config.llm_from)):
+        raise SystemExit("error: --vision_from and --llm_from go together, with --stage 1 (real backbones start "
+                         "at stage I; later stages read its checkpoint)")
+    if config.preset == "pretrained" and 0 in stages:
+        raise SystemExit("error: --preset=pretrained has no stage 0: run --stage 1 with --vision_from and --llm_from")
+    if config.grad_checkpointing and config.ep_size > 1:
+        raise SystemExit("error: --grad_checkpointing would repeat expert parallelism's exchanges in the backward "
+                         "pass; use it with --ep_size=1")
     if config.data_path and len(stages) > 1:
         raise SystemExit("error: --data_path names one stage's data; run the stages one at a time with it")
     if config.global_batch and given.get("grad_accum") not in (None, 1):

@@ -46,6 +46,7 @@ class ViTConfig:
     stem: str = "patch"  # patch: one strided convolution (ViT, CLIP); conv: stride-2 3x3 convolutions (ours)
     norm_eps: float = 1e-5
     act: str = "gelu"  # the MLP's activation: gelu, or quick_gelu (OpenAI's CLIP; weights.py sets it from the folder)
+    image_resize: str = "stretch"  # how an image is made square: stretch, crop (CLIP), pad (MoE-LLaVA; data.py)
     moe_layers: str = ""  # "" = dense; else which blocks' MLPs are MoE layers (CuMo: all), as the LLM's moe_layers
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -55,6 +56,8 @@ class ViTConfig:
                              f"patch_size={self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"ViTConfig: width={self.width} is not a multiple of heads={self.heads}")
+        if self.image_resize not in ("stretch", "crop", "pad"):
+            raise ValueError(f"ViTConfig: image_resize={self.image_resize!r} must be stretch, crop or pad")
         if self.stem not in ("patch", "conv") or (self.stem == "conv" and self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"ViTConfig: stem={self.stem!r} must be 'patch', or 'conv' with a power-of-two "
                              f"patch_size (got {self.patch_size})")

@@ -19,7 +19,11 @@ those weights load into it once three things agree:
                         into our one qkv matrix. A missing, unexpected or mis-shaped tensor stops the load and is
                         named.
 
-  4. the tokenizer      the folder's byte-level BPE (tokenizer.json) as a tiktoken Encoding, plus `<image>`.
+  4. the tokenizer      the folder's byte-level BPE (tokenizer.json) as a tiktoken Encoding, plus `<image>`, and
+                        the chat format its special tokens name (ChatML for Qwen2 and SmolLM2, Llama 3's, or
+                        ours); data.CHAT_FORMATS writes the conversations in it.
+  5. the pixels         CLIP's mean and std (a folder that says otherwise is refused); non-square images padded
+                        to a square as MoE-LLaVA does (ViTConfig.image_resize, data.image_tensor).
 
 tests/test_weights.py builds tiny random models with Hugging Face transformers (a test-only peer), saves them as
 folders, loads them here and checks that the logits and the greedy generations match.
@@ -28,6 +32,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import replace
 
 import torch
 
@@ -282,9 +287,12 @@ def load_llm(folder, max_seq_len=2048):
     return llm
 
 
-def load_vit(folder, select_layer=-2):
-    """A ViT with a CLIP folder's vision weights (fp32), computing the hidden states CLIP's vision model does."""
-    config = vit_config_from_folder(read_config(folder), select_layer)
+def load_vit(folder, select_layer=-2, image_resize="pad"):
+    """A ViT with a CLIP folder's vision weights (fp32), computing the hidden states CLIP's vision model does.
+    Images are padded to a square (image_resize="pad", as MoE-LLaVA does; "crop" is CLIP's own way) and
+    normalised with CLIP's mean and std; a folder whose preprocessor_config.json says other values is refused."""
+    config = replace(vit_config_from_folder(read_config(folder), select_layer), image_resize=image_resize)
+    check_preprocessing(folder)
     state = fuse_qkv(rename(read_folder_weights(folder), CLIP_NAMES, CLIP_IGNORED), config.layers)
     for name in ("cls_token", "pos_embed"):  # CLIP stores them without our leading (1, 1) / (1,) dimensions
         if name in state:
@@ -292,6 +300,22 @@ def load_vit(folder, select_layer=-2):
     vit = ViT(config)
     load_into(vit, state, folder)
     return vit
+
+
+def check_preprocessing(folder):
+    """Raise BadWeights if the folder's image processor normalises pixels otherwise than data.py does (CLIP's)."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except json.JSONDecodeError:
+        raise BadWeights(f"{path} is not valid JSON") from None
+    for key, ours in (("image_mean", D.CLIP_MEAN), ("image_std", D.CLIP_STD)):
+        theirs = spec.get(key, ours)
+        if len(theirs) != 3 or max(abs(a - b) for a, b in zip(theirs, ours)) > 1e-6:
+            raise BadWeights(f"{path}: {key} {theirs} is not CLIP's {list(ours)}, the only one data.py applies")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,11 +353,12 @@ def split_pattern(pre):
     return pattern if byte_level else None
 
 
-def tokenizer_from_folder(folder):
+def tokenizer_from_folder(folder, chat=""):
     """A data.Tokenizer computing the same ids as the folder's tokenizer.json (byte-level BPE: GPT-2, Qwen2,
-    SmolLM, Llama 3), with its added tokens as special tokens and `<image>` appended. tiktoken merges the pair
-    whose merged token has the lowest id; for these vocabularies, whose ids follow the merge order, that is the
-    same as merging by the merge list's order (the tests compare the two on many texts)."""
+    SmolLM, Llama 3), with its added tokens as special tokens and `<image>` appended; its chat format is `chat`, or
+    the one its special tokens name (chat_format_of). tiktoken merges the pair whose merged token has the lowest
+    id; for these vocabularies, whose ids follow the merge order, that is the same as merging by the merge list's
+    order (the tests compare the two on many texts)."""
     path = os.path.join(folder, "tokenizer.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -357,5 +382,23 @@ def tokenizer_from_folder(folder):
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}  # matched whole, never built by merges
     ranks = {token: i for token, i in ranks.items() if i not in set(added.values())}
     encoding = D.with_special_tokens(os.path.basename(os.path.normpath(folder)), pattern, ranks, added)
-    return D.Tokenizer(encoding, f"folder:{folder}", specials=tuple(encoding.special_tokens_set),
-                       nfc=normalizer == "NFC")
+    tokenizer = D.Tokenizer(encoding, "folder", specials=tuple(encoding.special_tokens_set), nfc=normalizer == "NFC",
+                            folder=folder, chat=chat or chat_format_of(added, path))
+    try:
+        D.check_chat_format(tokenizer)
+    except ValueError as e:
+        raise BadWeights(f"{path}: {e}") from None
+    return tokenizer
+
+
+def chat_format_of(added, path):
+    """The chat format (data.CHAT_FORMATS) a folder's added tokens say its LLM was tuned on: ChatML (Qwen2,
+    SmolLM2), Llama 3's, or else our `chat` with <|endoftext|> ending each answer."""
+    if {"<|im_start|>", "<|im_end|>"} <= set(added):
+        return "chatml"
+    if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= set(added):
+        return "llama3"
+    if D.END_OF_TEXT in added:
+        return "chat"
+    raise BadWeights(f"{path}: its special tokens fit none of the chat formats ({', '.join(D.CHAT_FORMATS)}): "
+                     f"choose one with --chat_template")

@@ -1,4 +1,5 @@
 """data.py: the built-in data set, the tokenizer, templates, loading with bad samples, batching."""
+import dataclasses
 import filecmp
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 import torch
+from PIL import Image
 
 import data as D
 import model
@@ -188,6 +190,47 @@ def test_chat_template_supervises_only_the_answers(tok):
     prompt, _ = D.tokenize(D.chat_prompt("What colour is the circle?"), tok, num_image_tokens=5)
     assert np.array_equal(ids[:len(prompt)], prompt)  # generation starts exactly where the answer begins
     assert not sup[:len(prompt)].any() and sup[len(prompt)]
+
+
+def test_chat_formats_of_real_llms_are_written_as_they_were_tuned_on(tok):
+    """ChatML (Qwen2, SmolLM2) and Llama 3's format: the text around the answers, the answers (with the format's
+    end token) the only supervised text, and a prompt that stops exactly where the second answer begins."""
+    turns = conv("Q1?", "a1", image=False) + conv("Q2?", "a2", image=False)
+    expected = {
+        "chatml": (f"<|im_start|>system\n{D.CHAT_SYSTEM}<|im_end|>\n<|im_start|>user\nQ1?<|im_end|>\n"
+                   "<|im_start|>assistant\na1<|im_end|>\n<|im_start|>user\nQ2?<|im_end|>\n<|im_start|>assistant\n"
+                   "a2<|im_end|>\n", "a1<|im_end|>a2<|im_end|>"),
+        "llama3": (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{D.CHAT_SYSTEM}<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\nQ1?<|eot_id|><|start_header_id|>assistant"
+                   "<|end_header_id|>\n\na1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2?<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\na2<|eot_id|>", "a1<|eot_id|>a2<|eot_id|>")}
+    for name, (text, answers) in expected.items():
+        pieces = D.render(turns, name)
+        assert "".join(t for t, _ in pieces) == text
+        assert "".join(t for t, sup in pieces if sup) == answers
+        prompt = "".join(t for t, _ in D.prompt_pieces(turns, name))
+        assert text.startswith(prompt) and text[len(prompt):].startswith("a2" + D.CHAT_FORMATS[name].end)
+    with pytest.raises(ValueError, match="'chatml' chat format needs the special token.*<|im_end|>.*builtin"):
+        D.check_chat_format(dataclasses.replace(tok, chat="chatml"))  # the built-in BPE knows only <|endoftext|>
+    D.check_chat_format(tok)
+
+
+def test_images_are_made_square_by_stretching_cropping_or_padding():
+    """A wide picture, red | green | blue in thirds: crop keeps the green centre, pad keeps all three bands with
+    CLIP's mean colour (0 after normalisation) above and below, stretch keeps all three and fills the square."""
+    im = Image.new("RGB", (96, 32))
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        im.paste(colour, (32 * i, 0, 32 * (i + 1), 32))
+    channel = lambda x, row, col: int(x[:, row, col].argmax())  # noqa: E731  (0 red, 1 green, 2 blue)
+    crop = D.image_tensor(im, 16, "crop")
+    assert {channel(crop, 8, c) for c in range(16)} == {1}
+    pad, stretch = D.image_tensor(im, 18, "pad"), D.image_tensor(im, 18, "stretch")
+    assert [channel(pad, 9, c) for c in (1, 9, 16)] == [0, 1, 2] and pad[:, 0].abs().max() < 0.02
+    assert [channel(stretch, r, c) for r, c in ((0, 1), (17, 9), (9, 16))] == [0, 1, 2]
+    square = Image.new("RGB", (20, 20), (10, 200, 30))
+    assert all(torch.equal(D.image_tensor(square, 16, r), D.image_tensor(square, 16)) for r in D.IMAGE_RESIZES)
+    with pytest.raises(ValueError, match="unknown image resize 'squash'"):
+        D.image_tensor(im, 16, "squash")
 
 
 def test_plain_template_is_image_then_caption(tok):

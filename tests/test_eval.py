@@ -155,7 +155,7 @@ class EchoLengthVLM:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.config = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8))
+        self.config = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8, image_resize="stretch"))
         self.calls = []
 
     def generate(self, ids, images, mask, eos_id, max_new_tokens):

@@ -379,6 +379,22 @@ def test_gradients_reach_vision_projector_llm_and_router():
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("moe_layers", ["", "sparse"])
+def test_gradient_checkpointing_changes_neither_the_loss_nor_the_gradients(moe_layers):
+    grads = []
+    for checkpointing in (False, True):
+        model = vlm(moe_layers=moe_layers)
+        model.llm.grad_checkpointing = checkpointing
+        out = model(*vlm_batch())
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, plain), (loss_ckpt, ckpt) = grads
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_padding_changes_neither_the_loss_nor_the_counts():
     model = vlm(moe_layers="sparse", capacity_factor=1.0)  # tight capacity: padding taking slots would show
     input_ids, images, labels, mask = vlm_batch()

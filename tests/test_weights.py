@@ -2,12 +2,14 @@
 our LLM so that it computes what the reference implementation (Hugging Face transformers, a test-only peer)
 computes."""
 import json
+import os
 import struct
 import unicodedata
 
 import pytest
 import torch
 
+import data as D
 import weights as W
 
 
@@ -167,6 +169,10 @@ def test_a_clip_folder_loads_into_our_vit_exactly(tmp_path, act):
             expected = out.hidden_states[layer][:, 1:]
             assert (ours.features(pixels, select_layer=layer)[0] - expected).abs().max() < 1e-5
         assert (ours.embed(pixels) - out.pooler_output).abs().max() < 1e-5  # post-norm class token
+    assert ours.config.image_resize == "pad"  # MoE-LLaVA pads images to a square; CLIP's own mean and std
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3}))
+    with pytest.raises(W.BadWeights, match=r"image_mean \[0.5, 0.5, 0.5\] is not CLIP's"):
+        W.load_vit(str(tmp_path / "clip"))
 
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
@@ -200,8 +206,30 @@ def test_a_folder_tokenizer_converts_to_the_same_ids(tmp_path, style):
     for text in TEXTS + ["an unseen sentence: Zürich, 987 + 65 = 1052!"]:
         assert ours.encode(text) == bpe.encode(text).ids, text
         assert ours.decode(ours.encode(text)) == (text if style == "gpt2" else unicodedata.normalize("NFC", text))
-    assert ours.eos_id == bpe.token_to_id("<|endoftext|>")
+    assert ours.chat == "chatml" and ours.eos_id == bpe.token_to_id("<|im_end|>")  # ChatML's tokens: its format
+    assert W.tokenizer_from_folder(str(tmp_path), "chat").eos_id == bpe.token_to_id("<|endoftext|>")
     assert ours.image_id == bpe.get_vocab_size()  # appended after the folder's own ids
+
+
+def test_a_folder_s_special_tokens_choose_its_chat_format(tmp_path):
+    tk = pytest.importorskip("tokenizers", reason="tokenizers is a test-only peer; .ci/run installs transformers")
+    llama3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    for name, specials in (("llama3", llama3), ("none", ["<|end_of_text|>"])):
+        bpe = tk.Tokenizer(tk.models.BPE())
+        bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(["a tiny corpus"], tk.trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+        os.makedirs(tmp_path / name)
+        bpe.save(str(tmp_path / name / "tokenizer.json"))
+    ours = W.tokenizer_from_folder(str(tmp_path / "llama3"))
+    assert ours.chat == "llama3" and ours.eos_id == 4  # <|eot_id|>: where a Llama 3 answer ends
+    ids, supervised = D.tokenize(D.render([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+                                          ours.chat), ours, num_image_tokens=0)
+    assert ids[0] == 0 and ids[-1] == 4 and supervised[-1] and not supervised[0]  # <|begin_of_text|> ... <|eot_id|>
+    with pytest.raises(W.BadWeights, match="fit none of the chat formats .* --chat_template"):
+        W.tokenizer_from_folder(str(tmp_path / "none"))
+    with pytest.raises(W.BadWeights, match="'chatml' chat format needs the special token"):
+        W.tokenizer_from_folder(str(tmp_path / "llama3"), "chatml")
 
 
 def test_a_tokenizer_that_cannot_convert_exactly_is_refused(tmp_path):
@@ -211,3 +239,49 @@ def test_a_tokenizer_that_cannot_convert_exactly_is_refused(tmp_path):
         W.tokenizer_from_folder(str(tmp_path))
     with pytest.raises(W.BadWeights, match="has no tokenizer.json"):
         W.tokenizer_from_folder(str(tmp_path / "nowhere"))
+
+
+def test_moe_tuning_runs_from_model_folders(tmp_path):
+    """Stage I from a CLIP folder and a Qwen2 folder (its tokenizer.json too), then II and III, then eval.py: every
+    stage folder carries the tokenizer and its chat format (ChatML, as the folder's tokens say), and stage I
+    leaves the pretrained ViT and LLM as they were loaded."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test-only peer; .ci/run installs it")
+    tk = pytest.importorskip("tokenizers", reason="tokenizers is a test-only peer; .ci/run installs transformers")
+    import eval as E
+    import train
+    data_dir = str(tmp_path / "data")
+    D.generate_builtin(data_dir, D.BuiltinConfig(n_train=32, n_val=8, n_test=8), progress=False)
+    texts = [t["value"] for name in ("captions_train", "instruct_train")
+             for s in D.read_json(f"{data_dir}/{name}.json") for t in s["conversations"]]
+    bpe = tk.Tokenizer(tk.models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = tk.pre_tokenizers.ByteLevel(add_prefix_space=False), tk.decoders.ByteLevel()
+    bpe.train_from_iterator(texts, tk.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
+    llm.save_pretrained(str(tmp_path / "llm"))
+    bpe.save(str(tmp_path / "llm" / "tokenizer.json"))
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8)).save_pretrained(str(tmp_path / "clip"))
+    out = tmp_path / "out"
+    common = ["--out_dir", str(out), "--data_dir", data_dir, "--max_iters=2", "--batch_size=4", "--global_batch=4",
+              "--eval_batches=1", "--progress=false"]
+    train.main(["--stage", "1", "--preset=pretrained", "--vision_from", str(tmp_path / "clip"), "--llm_from",
+                str(tmp_path / "llm"), *common])
+    state = torch.load(out / "stage1" / "ckpt.pt", weights_only=True)["model"]
+    loaded = W.load_llm(str(tmp_path / "llm")).state_dict()
+    assert all(torch.equal(state[f"llm.{k}"], v) for k, v in loaded.items())  # stage I trains the projector alone
+    for stage in ("2", "3"):
+        train.main(["--stage", stage, *common])
+    assert all((out / f"stage{s}" / "tokenizer.json").exists() for s in (1, 2, 3))
+    meta = json.loads((out / "stage3" / "meta.json").read_text())
+    assert meta["chat_template"] == "chatml" and meta["model_config"]["vision"]["image_resize"] == "pad"
+    metrics = E.main(["--ckpt", str(out / "stage3"), "--limit=4", "--blind=none", "--plots=false",
+                      "--progress=false"])
+    assert metrics is not None
+    with pytest.raises(SystemExit, match="go together"):
+        train.main(["--stage", "1", "--llm_from", str(tmp_path / "llm"), *common])
