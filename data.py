@@ -362,6 +362,7 @@ class Tokenizer:
     name: str
     specials: tuple = SPECIAL_TOKENS  # the special tokens that text may contain (a model folder's: all it added)
     nfc: bool = False  # NFC-normalise text before encoding (some model folders' tokenizers do)
+    digits: str = ""  # split digits off first: "each" alone (SmolLM's tokenizer does), "runs" of them, "": no
     folder: str = ""  # name "folder": the folder whose tokenizer.json it was read from (weights.py)
     chat: str = "chat"  # the chat format of stages II-III (CHAT_FORMATS); its end token is eos_id
 
@@ -380,10 +381,31 @@ class Tokenizer:
     def encode(self, text):
         # our two special tokens are read as such; any other special token of a named encoding is plain text
         text = unicodedata.normalize("NFC", text) if self.nfc else text
-        return self.encoding.encode(text, allowed_special=set(self.specials), disallowed_special=())
+        if not self.digits:
+            return self.encoding.encode(text, allowed_special=set(self.specials), disallowed_special=())
+        ids = []  # special tokens first, then digits split off, then the regex and the BPE on each piece
+        for piece in re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text):
+            if piece in self.specials:
+                ids.append(self.encoding.encode_single_token(piece))
+            else:
+                ids += [i for part in split_digits(piece, self.digits) for i in self.encoding.encode_ordinary(part)]
+        return ids
 
     def decode(self, ids):
         return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+def split_digits(text, how):
+    """Text cut where numeric characters (Unicode category N) begin and end; with how="each", one per digit."""
+    parts, kind = [], None
+    for c in text:
+        numeric = unicodedata.category(c)[0] == "N"
+        if parts and numeric == kind and not (numeric and how == "each"):
+            parts[-1] += c
+        else:
+            parts.append(c)
+        kind = numeric
+    return parts
 
 
 def with_special_tokens(name, pat_str, ranks, special_tokens):

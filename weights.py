@@ -340,17 +340,29 @@ def byte_to_unicode():
     return table
 
 
-def split_pattern(pre):
-    """The regex a tokenizer.json pre_tokenizer splits text with, or None if it is not a byte-level one."""
-    steps = pre.get("pretokenizers", [pre]) if pre else []
-    pattern, byte_level = None, False
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
-            pattern = step["pattern"]["Regex"]
-        elif step.get("type") == "ByteLevel":
-            byte_level = True
-            pattern = pattern or (GPT2_PATTERN if step.get("use_regex", True) else None)
-    return pattern if byte_level else None
+def pre_tokenization(pre, path):
+    """(regex, digits) for a tokenizer.json pre_tokenizer: the regex that cuts text into pieces before the BPE, and
+    whether digits are first split off ("each": every digit alone, SmolLM's; "runs": runs of digits; "": no).
+    Three byte-level layouts are reproduced exactly; anything else raises BadWeights saying what it is."""
+    steps = pre.get("pretokenizers", [pre]) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [step.get("type") for step in steps]
+    if "ByteLevel" not in kinds:
+        raise BadWeights(f"{path} is not a byte-level BPE (a SentencePiece-style tokenizer, as Llama 2's, cannot be "
+                         "converted exactly)")
+    last = steps[-1]
+    if kinds[-1] != "ByteLevel" or last.get("add_prefix_space", False):
+        raise BadWeights(f"{path}: a pre-tokenizer {kinds} with add_prefix_space={last.get('add_prefix_space')} is "
+                         "not one of the layouts converted exactly")
+    regex = last.get("use_regex", True)
+    if kinds == ["ByteLevel"] and regex:  # GPT-2
+        return GPT2_PATTERN, ""
+    if kinds == ["Split", "ByteLevel"] and not regex and "Regex" in steps[0].get("pattern", {}) and \
+            steps[0].get("behavior", "").lower() == "isolated" and not steps[0].get("invert", False):  # Qwen2, Llama 3
+        return steps[0]["pattern"]["Regex"], ""
+    if kinds == ["Digits", "ByteLevel"] and regex:  # SmolLM, StarCoder
+        return GPT2_PATTERN, "each" if steps[0].get("individual_digits", False) else "runs"
+    raise BadWeights(f"{path}: the pre-tokenizer steps {kinds} are not one of the layouts converted exactly "
+                     "(ByteLevel; Split then ByteLevel; Digits then ByteLevel)")
 
 
 def tokenizer_from_folder(folder, chat=""):
@@ -367,10 +379,10 @@ def tokenizer_from_folder(folder, chat=""):
         raise BadWeights(f"{folder} has no tokenizer.json") from None
     except json.JSONDecodeError:
         raise BadWeights(f"{path} is not valid JSON") from None
-    model, pattern = spec.get("model") or {}, split_pattern(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or pattern is None:
-        raise BadWeights(f"{path} is not a byte-level BPE (a SentencePiece-style tokenizer, as Llama 2's, cannot be "
-                         "converted exactly)")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise BadWeights(f"{path} is not a BPE tokenizer (its model is {model.get('type')!r})")
+    pattern, digits = pre_tokenization(spec.get("pre_tokenizer"), path)
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise BadWeights(f"{path} uses a {normalizer} normalizer, which the conversion does not reproduce")
@@ -383,7 +395,7 @@ def tokenizer_from_folder(folder, chat=""):
     ranks = {token: i for token, i in ranks.items() if i not in set(added.values())}
     encoding = D.with_special_tokens(os.path.basename(os.path.normpath(folder)), pattern, ranks, added)
     tokenizer = D.Tokenizer(encoding, "folder", specials=tuple(encoding.special_tokens_set), nfc=normalizer == "NFC",
-                            folder=folder, chat=chat or chat_format_of(added, path))
+                            digits=digits, folder=folder, chat=chat or chat_format_of(added, path))
     try:
         D.check_chat_format(tokenizer)
     except ValueError as e:

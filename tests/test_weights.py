@@ -183,10 +183,11 @@ TEXTS = ["Hello world", "  leading spaces and   runs of them ", "digits 1234567,
          "What's the colour? It'll be RED; they've said so.", "", "<|endoftext|>x<|endoftext|>"]
 
 
-@pytest.mark.parametrize("style", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("style", ["qwen2", "gpt2", "smollm"])
 def test_a_folder_tokenizer_converts_to_the_same_ids(tmp_path, style):
     """A byte-level BPE trained with the `tokenizers` library (the one model folders' tokenizer.json comes from),
-    in Qwen2's form (NFC, a Split regex, then ByteLevel) and GPT-2's (ByteLevel with its own regex)."""
+    in Qwen2's form (NFC, a Split regex, then ByteLevel), GPT-2's (ByteLevel with its own regex) and SmolLM's
+    (every digit split off, then GPT-2's)."""
     tk = pytest.importorskip("tokenizers", reason="tokenizers is a test-only peer; .ci/run installs transformers")
     bpe = tk.Tokenizer(tk.models.BPE())
     if style == "qwen2":
@@ -194,6 +195,9 @@ def test_a_folder_tokenizer_converts_to_the_same_ids(tmp_path, style):
         bpe.pre_tokenizer = tk.pre_tokenizers.Sequence([
             tk.pre_tokenizers.Split(tk.Regex(QWEN2_PATTERN), behavior="isolated"),
             tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif style == "smollm":
+        bpe.pre_tokenizer = tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Digits(individual_digits=True),
+                                                        tk.pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
         bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tk.decoders.ByteLevel()
@@ -203,9 +207,9 @@ def test_a_folder_tokenizer_converts_to_the_same_ids(tmp_path, style):
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(tmp_path / "tokenizer.json"))
     ours = W.tokenizer_from_folder(str(tmp_path))
-    for text in TEXTS + ["an unseen sentence: Zürich, 987 + 65 = 1052!"]:
+    for text in TEXTS + ["an unseen sentence: Zürich, 987 + 65 = 1052!", "a  1 b\t 22  \n 3x4", "١٢ and ½ 2²"]:
         assert ours.encode(text) == bpe.encode(text).ids, text
-        assert ours.decode(ours.encode(text)) == (text if style == "gpt2" else unicodedata.normalize("NFC", text))
+        assert ours.decode(ours.encode(text)) == (text if style != "qwen2" else unicodedata.normalize("NFC", text))
     assert ours.chat == "chatml" and ours.eos_id == bpe.token_to_id("<|im_end|>")  # ChatML's tokens: its format
     assert W.tokenizer_from_folder(str(tmp_path), "chat").eos_id == bpe.token_to_id("<|endoftext|>")
     assert ours.image_id == bpe.get_vocab_size()  # appended after the folder's own ids
@@ -236,6 +240,10 @@ def test_a_tokenizer_that_cannot_convert_exactly_is_refused(tmp_path):
     spec = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(W.BadWeights, match="not a byte-level BPE"):
+        W.tokenizer_from_folder(str(tmp_path))
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}, {"type": "ByteLevel"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(W.BadWeights, match=r"steps \['Punctuation', 'ByteLevel'\] are not one of the layouts"):
         W.tokenizer_from_folder(str(tmp_path))
     with pytest.raises(W.BadWeights, match="has no tokenizer.json"):
         W.tokenizer_from_folder(str(tmp_path / "nowhere"))
