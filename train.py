@@ -395,6 +395,8 @@ class Stage:
     meta: dict  # what the checkpoint records; meta["step"] is where the loop starts
     stage2_final_val_ce: float = None  # stage III: where stage II ended, which what stage III adds must not change
     resumed: bool = False
+    flop_parts: dict = None  # stages I-III: flop_model(vlm), for MFU (stage 0's objectives are not counted)
+    peak_flops: float = 0.0  # the device's FLOP/s that MFU divides by (device_peak_flops)
 
     @property
     def loss_names(self):
@@ -420,6 +422,7 @@ def setup_stage(stage, config, nested, rt, log):
     log(f"stage {stage}: {counts['trainable'] / 1e6:.2f}M trainable / {counts['total'] / 1e6:.2f}M total / "
         f"{counts['active'] / 1e6:.2f}M active per token ({len(trained)} tensors trained)" +
         (f" -- including the ViT's pretraining head ({', '.join(head.names)})" if head is not None else ""))
+    flop_parts = flop_model(vlm) if stage > 0 else None  # (the whole model's, before experts are spread)
     P.shard_experts(vlm, rt)
     global_batch = config.batch_size * config.grad_accum * rt.world
     if rt.distributed:
@@ -447,7 +450,11 @@ def setup_stage(stage, config, nested, rt, log):
     st = Stage(number=stage, out=stage_dir(config, stage), vlm=vlm, head=head, model=model, train_model=train_model,
                optimizer=optimizer, params=params, train=train, val=val, tokenizer=tokenizer, iters=iters,
                peak_lr=getattr(config, f"stage{stage}_lr"), meta=meta,
-               stage2_final_val_ce=prev["meta"]["val"].get("val_ce") if stage == 3 else None)
+               stage2_final_val_ce=prev["meta"]["val"].get("val_ce") if stage == 3 else None, flop_parts=flop_parts)
+    if flop_parts is not None:
+        st.peak_flops, source = device_peak_flops(rt.device)
+        meta["peak_flops"], meta["peak_flops_source"] = st.peak_flops, source
+        log(f"stage {stage}: MFU in the log is against {st.peak_flops / 1e12:.3g} TFLOP/s per device ({source})")
     if own is not None:
         resume(st, own, config, rt, log)
     return st
@@ -569,11 +576,11 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
                 save_stage(st, step, config, rt)
                 raise SystemExit(f"stage {st.number}: stopped by a signal before step {step}; the checkpoint in "
                                  f"{st.out} holds step {step}; continue with --resume" if main else 1)
-            t0 = time.time()
+            t0 = synchronized_time(rt.device)
             lr = lr_at(step, iters, st.peak_lr, config.warmup_frac)
             for group in st.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # (a checkpoint from before the ViT group has none)
-            losses, tokens, routing, pictured = accumulate_gradients(st, step, config, rt, bar.write)
+            losses, tokens, routing, pictured, flops = accumulate_gradients(st, step, config, rt, bar.write)
             if losses is None:  # no readable micro-batch on any rank: no step
                 st.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -588,10 +595,14 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             st.optimizer.zero_grad(set_to_none=True)
 
             completed = step + 1  # steps done: what the log, validation and checkpoints count
-            tok_s = tokens / max(time.time() - t0, 1e-9)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"})
+            seconds = synchronized_time(rt.device) - t0
+            tok_s = tokens / max(seconds, 1e-9)
+            mfu = {} if st.flop_parts is None else {"mfu": flops / max(seconds, 1e-9) / (rt.world * st.peak_flops)}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.1e}", "tok/s": f"{tok_s:.0f}"}
+                            | {k: f"{100 * v:.1f}%" for k, v in mfu.items()})
             if completed % config.log_interval == 0 or completed == iters:
-                write_log(st, rt, {"step": completed, "lr": lr, "tok_per_s": round(tok_s), **losses})
+                write_log(st, rt, {"step": completed, "lr": lr, "tok_per_s": round(tok_s),
+                                   **{k: round(v, 5) for k, v in mfu.items()}, **losses})
             if routing is not None and (completed % config.routing_interval == 0 or completed in (1, iters)):
                 write_log(st, rt, {"step": completed, "routing": routing_record(st.vlm, routing, rt)})
             if completed % config.eval_interval == 0 or completed == iters:
@@ -611,7 +622,7 @@ def accumulate_gradients(st, step, config, rt, warn=print):
     unreadable is skipped (in a distributed run, a stand-in runs at weight 0: data.batch_or_stand_in).
     """
     names = st.loss_names
-    sums, tokens, good, routed, pictured = dict.fromkeys(names, 0.0), 0, 0, None, 0
+    sums, tokens, good, routed, pictured, flops = dict.fromkeys(names, 0.0), 0, 0, None, 0, 0.0
     where = f"stage {st.number} step {step}" + (f" (rank {rt.rank})" if rt.distributed else "")
     skipped = lambda reason: warn(f"{where}: {reason}; batch skipped")  # noqa: E731
     for micro in range(config.grad_accum):
@@ -632,10 +643,12 @@ def accumulate_gradients(st, step, config, rt, warn=print):
             tokens += batch.num_tokens
             good += 1
             pictured += batch.images is not None
-    *totals, tokens, good, pictured = rt.sum([sums[k] for k in names] + [tokens, good, pictured])
+            if st.flop_parts is not None:
+                flops += batch_flops(st.flop_parts, batch, st.vlm.num_image_tokens)
+    *totals, tokens, good, pictured, flops = rt.sum([sums[k] for k in names] + [tokens, good, pictured, flops])
     if good == 0:
-        return None, 0, None, 0
-    return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed, int(pictured)
+        return None, 0, None, 0, 0.0
+    return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed, int(pictured), flops
 
 
 def non_finite_message(st, step, loss):
@@ -662,6 +675,75 @@ def routing_record(vlm, counts, rt=P.Runtime()):
     return [{"part": part, "layer": i, "topk_text_image": c[:2 * E].view(2, E).tolist(),
              "top1_text_image": c[2 * E:4 * E].view(2, E).tolist(), "dropped": int(c[-1])}
             for (part, i), c in zip(vlm.moe_layer_names(), counts)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation (MFU): the arithmetic a step's model needs, over what the device can do (as nanoGPT's
+# estimate_mfu, and the PaLM paper's definition: recomputation and padding are not counted as useful work)
+
+KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,  # dense bf16
+               "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # tensor-core FLOP/s, from the vendors' data sheets
+
+
+def synchronized_time(device):
+    """time.perf_counter() once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def device_peak_flops(device):
+    """(FLOP/s, where the figure comes from): a named GPU's bf16 data-sheet peak; otherwise the rate this device
+    reaches on square matmuls in the training dtype (bf16 on CUDA, fp32 on the CPU), measured here."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in KNOWN_PEAKS.items():
+            if key in name:
+                return peak, f"{name}, bf16 data-sheet peak"
+    dtype, n = (torch.bfloat16, 4096) if device.type == "cuda" else (torch.float32, 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # (warm-up)
+    fastest = float("inf")
+    for _ in range(5):  # the best of five: what the device reaches, not what a busy moment allowed
+        t0 = synchronized_time(device)
+        a @ b
+        fastest = min(fastest, synchronized_time(device) - t0)
+    return 2 * n ** 3 / fastest, f"measured: the fastest of five {str(dtype).replace('torch.', '')} {n}x{n} matmuls"
+
+
+def flop_model(vlm):
+    """What batch_flops needs from the VLM, computed once per stage: per part (vision, projector, llm) its active
+    parameters that do matmuls, the share of them that trains, whether gradients flow through it (it, or a part
+    before it, trains), and for the transformers their layers x width (the attention term)."""
+    vc, parts = vlm.config.vision, {}
+    used = vc.select_layer % (vc.layers + 1)  # ViT blocks after the selected layer never run
+    blocks = [vlm.vision.blocks[i] for i in range(used)]
+    flows = False
+    for name, modules, attention in (("vision", blocks, used * vc.width), ("projector", [vlm.projector], 0),
+                                     ("llm", [vlm.llm], vlm.config.llm.n_layer * vlm.config.llm.dim)):
+        counts = [param_counts(m) for m in modules]
+        active = sum(c["active"] for c in counts)
+        if name == "llm" and not vlm.config.llm.tie_embeddings:
+            active -= vlm.llm.tok_emb.weight.numel()  # a lookup, not a matmul (the output head is one)
+        trains = sum(c["trainable"] for c in counts) / max(sum(c["total"] for c in counts), 1)
+        flows = flows or trains > 0
+        parts[name] = (active, trains, flows, attention)
+    return parts
+
+
+def batch_flops(parts, batch, num_patches):
+    """A micro-batch's model FLOPs, forward and backward: per token, 2 per active parameter forward, 2 more for the
+    activations' gradients where gradients flow, 2 x (the share that trains) for the weights' gradients; plus
+    attention's 2 x 2 x layers x width x context per token forward (the scores and the weighted sum), tripled
+    likewise. Approximate where parts partly train; a stage's whole-model figure, not a kernel's."""
+    images = 0 if batch.images is None else batch.images.shape[0]
+    context = {"vision": num_patches + 1, "projector": 0, "llm": batch.num_tokens / batch.input_ids.shape[0]}
+    tokens = {"vision": images * (num_patches + 1), "projector": images * num_patches, "llm": batch.num_tokens}
+    total = 0.0
+    for name, (active, trains, flows, attention) in parts.items():
+        factor = 2 + 2 * flows + 2 * trains
+        total += factor * tokens[name] * (active + 2 * attention * context[name])
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------
