@@ -11,21 +11,24 @@ Read it top to bottom:
                                      -> gate_weights
   1b. placement                      moe_layer_indices: which blocks of a stack get an MoE FFN
   3. the auxiliary losses            load_balancing_loss (MoE-LLaVA / DeepSpeed), its per-sample form (CuMo),
-                                     router_z_loss (ST-MoE)
+                                     router_z_loss (ST-MoE); BalanceBias: balancing without a loss (DeepSeek-V3)
   4. the experts                     stacked weights, one small class per expert form (SwiGLU, GELU MLP,
                                      LoRA updates of one frozen FFN); each computes one expert (readable) or
                                      all experts at once (grouped); LoRA itself, the form's building block
   5. dispatch                        dispatch_loop (the reference) and dispatch_sorted (sort + grouped matmul);
                                      kernels/ holds the same as an optional CUDA extension (dispatch="cuda");
                                      dispatch_expert_parallel: the experts spread over ranks (all_to_all)
-  6. MoELayer                        the pieces joined, returning (output, RoutingStats)
+  6. MoELayer                        the pieces joined, returning (output, RoutingStats); optionally a shared
+                                     expert every token goes through (DeepSeekMoE)
   7. upcycling                       MoELayer.upcycle: every expert a copy of a trained dense FFN
 
 Sources: MoE-LLaVA (arXiv 2401.15947) and DeepSpeed's `top2gating`; Switch Transformer (arXiv 2101.03961);
 CuMo (arXiv 2405.05949) for the per-image balancing loss; LoRA (arXiv 2106.09685) and LLaVA-MoLE (2401.16160);
-ST-MoE (arXiv 2202.08906) for the z-loss; MegaBlocks (arXiv 2211.15841) for sort + grouped GEMM; sparse
+ST-MoE (arXiv 2202.08906) for the z-loss; DeepSeekMoE (2401.06066) for the shared expert and DeepSeek-V3
+(2412.19437) for balancing without a loss; MegaBlocks (arXiv 2211.15841) for sort + grouped GEMM; sparse
 upcycling (arXiv 2212.05055). The formulas and hyperparameters we rely on, in our words: docs/reference.md.
 """
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -57,6 +60,8 @@ class MoEConfig:
     balance_per_sample: bool = False  # balancing loss per sample (image), then averaged (CuMo); else batch-wide
     aux_over_layers: str = "sum"  # a part's MoE layers' losses: sum (MoE-LLaVA), mean (CuMo) or pooled (MoLE)
     dispatch: str = "sorted"  # "loop": the readable reference; "sorted": sort + grouped matmul; "cuda"/"auto": kernels/
+    shared_expert: bool = False  # one more expert that every token goes through, beside the k routed (DeepSeekMoE)
+    bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3: 0.001), see BalanceBias
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
@@ -67,6 +72,8 @@ class MoEConfig:
             raise ValueError("MoEConfig: capacity factors must be > 0 (set drop_tokens=False for a dropless MoE)")
         if self.aux_over_layers not in ("sum", "mean", "pooled"):
             raise ValueError(f"MoEConfig: aux_over_layers={self.aux_over_layers!r} must be sum, mean or pooled")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"MoEConfig: bias_update_rate={self.bias_update_rate} must be >= 0")
 
 
 def moe_layer_indices(moe_layers, n_layer):
@@ -108,17 +115,20 @@ def router_logits(x, router_weight):
         return F.linear(x.float(), router_weight.float())
 
 
-def top_k_routing(logits, k, noise_std=0.0):
+def top_k_routing(logits, k, noise_std=0.0, choice_bias=None):
     """softmax over experts, then each token's k most probable experts.
 
     Returns probs (N, E), expert_index (N, k) with column 0 the first choice, and expert_prob (N, k), the
     softmax probability of each chosen expert. With noise_std > 0, Gaussian noise is added to the logits for
     the *choice* only (exploration, in the spirit of Shazeer et al. 2017's noisy top-k); the probabilities, and so
     the gates and the gradients, stay noise-free. The caller passes noise_std=0 at evaluation, so evaluation
-    routing is deterministic (DeepSpeed adds Gumbel noise even at eval; we do not).
+    routing is deterministic (DeepSpeed adds Gumbel noise even at eval; we do not). choice_bias (E,), if given,
+    is added to the probabilities for the choice alone, too (aux-loss-free balancing: BalanceBias).
     """
     probs = logits.softmax(dim=-1)
     scores = logits if noise_std == 0 else logits + noise_std * torch.randn_like(logits)
+    if choice_bias is not None:
+        scores = scores.softmax(dim=-1) + choice_bias  # (the order of the logits is that of the probabilities)
     expert_index = scores.topk(k, dim=-1).indices  # sorted: column 0 is the top-1 choice
     expert_prob = probs.gather(-1, expert_index)
     return probs, expert_index, expert_prob
@@ -203,6 +213,38 @@ def router_z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+class BalanceBias(nn.Module):
+    """Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437 §2.1.2): balance the experts' loads without a
+    balancing loss, so that no gradient pulls the router away from what the task wants.
+
+    Each expert has a bias b_e that is added to its score when the k experts are *chosen*, never to the gate
+    weights. After every optimizer step, b_e moves by `rate` toward balance: down for an expert that got more than
+    the mean load in that step, up for one that got less (b_e += rate * sign(mean load - load_e)). An overloaded
+    expert is then chosen a little less often next step, until the loads even out. The bias is a buffer (saved in
+    checkpoints), not a parameter: no optimizer touches it. DeepSeek-V3 adds it to sigmoid affinities; our scores
+    are softmax probabilities, on the same [0, 1] scale.
+    """
+
+    def __init__(self, num_experts, rate):
+        super().__init__()
+        self.rate = rate
+        self.register_buffer("bias", torch.zeros(num_experts))
+        self.register_buffer("load", torch.zeros(num_experts), persistent=False)  # this step's top-k assignments
+
+    def count(self, expert_index):
+        """Add a training forward's choices to this step's load."""
+        self.load += torch.bincount(expert_index.reshape(-1), minlength=self.bias.shape[0]).to(self.load)
+
+    @torch.no_grad()
+    def update(self, load=None):
+        """The step is over: move the bias toward balance and start the next step's count. `load`: the step's
+        load summed over every rank, so that all ranks move their biases alike (one process: self.load)."""
+        load = self.load if load is None else load
+        if load.sum() > 0:
+            self.bias += self.rate * torch.sign(load.mean() - load)
+        self.load.zero_()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. The experts: E FFNs of one form, stored as stacked weights
 #
@@ -271,6 +313,10 @@ class SwiGLUExperts(nn.Module):
         """The stacked matrices, for grouped_mm_serves' alignment check."""
         return self.gate_proj, self.up_proj, self.down_proj
 
+    def scale_output_(self, factor):
+        """Multiply every expert's output by factor, in place (upcycling beside a shared expert)."""
+        self.down_proj.data.mul_(factor)
+
     @classmethod
     def upcycle(cls, mlp, num_experts):
         """E copies of a dense SwiGLU MLP with nn.Linear `gate_proj`, `up_proj`, `down_proj` (model.MLP)."""
@@ -317,6 +363,11 @@ class GELUExperts(nn.Module):
     def weights(self):
         """The stacked matrices, for grouped_mm_serves' alignment check."""
         return self.fc1_weight, self.fc2_weight
+
+    def scale_output_(self, factor):
+        """Multiply every expert's output by factor, in place (upcycling beside a shared expert)."""
+        self.fc2_weight.data.mul_(factor)
+        self.fc2_bias.data.mul_(factor)
 
     @classmethod
     def upcycle(cls, mlp, num_experts):
@@ -584,6 +635,15 @@ def gather_experts(shard, group):
     return torch.cat(parts)
 
 
+def one_expert_like(experts):
+    """A one-expert stack of the same form (its first expert's weights): the shared expert beside the routed."""
+    one = copy.deepcopy(experts)
+    for name, p in list(one.named_parameters()):
+        setattr(one, name, nn.Parameter(p.detach()[:1].clone(), requires_grad=p.requires_grad))
+    one.num_experts = 1
+    return one
+
+
 def expert_shard(full, rank, ep_size):
     """This rank's slice of a full (E, ...) expert tensor: experts [rank * E / ep, (rank + 1) * E / ep)."""
     local = full.shape[0] // ep_size
@@ -631,6 +691,14 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.router.to(device=next(experts.parameters()).device)
         self.ep_group = None  # set by shard_experts: the expert-parallel process group
+        self.shared = None
+        if config.shared_expert:  # DeepSeekMoE (arXiv 2401.06066): common knowledge in one always-on expert
+            if isinstance(experts, LoRASwiGLUExperts):
+                raise ValueError("MoELayer: a shared expert beside LoRA experts is not supported (their base FFN "
+                                 "already runs for every token)")
+            self.shared = one_expert_like(experts)
+        self.balance_bias = BalanceBias(config.num_experts, config.bias_update_rate).to(
+            device=next(experts.parameters()).device) if config.bias_update_rate > 0 else None
 
     def shard_experts(self, group):
         """Keep only this rank's E / ep experts (expert parallelism over `group`); the router stays whole."""
@@ -651,8 +719,11 @@ class MoELayer(nn.Module):
         (N, k), their gate weights (N, k) and which choices kept a slot (N, k)."""
         cfg = self.config
         logits = router_logits(tokens, self.router.weight)
+        bias = None if self.balance_bias is None else self.balance_bias.bias
         probs, expert_index, expert_prob = top_k_routing(
-            logits, cfg.top_k, noise_std=cfg.router_noise if self.training else 0.0)
+            logits, cfg.top_k, noise_std=cfg.router_noise if self.training else 0.0, choice_bias=bias)
+        if self.balance_bias is not None and self.training:
+            self.balance_bias.count(expert_index)
         if cfg.drop_tokens and not dropless:
             cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             capacity = expert_capacity(tokens.shape[0], cfg.num_experts, cfg.top_k, cf, cfg.min_capacity)
@@ -681,6 +752,8 @@ class MoELayer(nn.Module):
             y_tokens = dispatch_cuda(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
         else:
             y_tokens = dispatch_sorted(tokens, self.experts, expert_index, weights, keep, use_grouped_mm)
+        if self.shared is not None:  # every real token also goes through the shared expert, at weight 1
+            y_tokens = y_tokens + self.shared.forward_one(0, tokens).to(y_tokens.dtype)
         y = x.new_zeros(x.shape[0], self.experts.out_dim)
         y[real] = y_tokens.to(y.dtype)  # padding positions stay 0
 
@@ -721,4 +794,10 @@ class MoELayer(nn.Module):
         dropped, each token's output is sum_i w_i * FFN(x) with sum_i w_i = 1, i.e. exactly the dense FFN's:
         training starts from the dense model, and only the router and the experts' divergence are new.
         """
-        return cls(config, expert_form.upcycle(dense_ffn, config.num_experts))
+        layer = cls(config, expert_form.upcycle(dense_ffn, config.num_experts))
+        if layer.shared is not None:  # shared + routed would be twice the FFN: each copy's output is halved
+            with torch.no_grad():
+                layer.shared.load_state_dict(one_expert_like(layer.experts).state_dict())
+                for half in (layer.shared, layer.experts):
+                    half.scale_output_(0.5)
+        return layer

@@ -593,6 +593,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             P.clip_grad_norm(st.params, st.vlm, config.grad_clip, rt)
             st.optimizer.step()
             st.optimizer.zero_grad(set_to_none=True)
+            update_balance_biases(st.vlm, rt)
 
             completed = step + 1  # steps done: what the log, validation and checkpoints count
             seconds = synchronized_time(rt.device) - t0
@@ -649,6 +650,15 @@ def accumulate_gradients(st, step, config, rt, warn=print):
     if good == 0:
         return None, 0, None, 0, 0.0
     return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed, int(pictured), flops
+
+
+def update_balance_biases(vlm, rt=P.Runtime()):
+    """Aux-loss-free balancing (moe.BalanceBias, --moe.bias_update_rate): after each step every MoE layer's choice
+    bias moves toward the experts that got fewer tokens, by the step's load summed over all ranks."""
+    for module in vlm.modules():
+        if isinstance(module, MoELayer) and module.balance_bias is not None:
+            load = module.balance_bias.load
+            module.balance_bias.update(torch.tensor(rt.sum(load.tolist()), dtype=load.dtype, device=load.device))
 
 
 def non_finite_message(st, step, loss):

@@ -517,3 +517,70 @@ def test_lora_experts_are_not_spread_over_ranks_and_say_why():
     _, layer = mole_layer()
     with pytest.raises(ValueError, match="LoRA experts are not spread over ranks"):
         layer.shard_experts(group=None)
+
+
+# --- variants: a shared expert (DeepSeekMoE), aux-loss-free balancing (DeepSeek-V3)
+
+
+@pytest.mark.parametrize("form", ["swiglu", "gelu"])
+def test_a_shared_expert_upcycles_exactly_and_runs_for_every_token(form):
+    """Shared + routed copies would give twice the FFN: upcycling halves each copy's output, so the layer starts
+    as the dense FFN; then the shared expert gets every real token (a gradient), the routed ones their share."""
+    torch.manual_seed(0)
+    dense = SwiGLUMLP(LLMConfig(dim=DIM, n_head=2, ffn_dim=HIDDEN)) if form == "swiglu" else \
+        GELUMLP(DIM, HIDDEN, DIM + 8)
+    config = MoEConfig(num_experts=4, top_k=2, drop_tokens=False, shared_expert=True)
+    moe = MoELayer.upcycle(dense, config, SwiGLUExperts if form == "swiglu" else GELUExperts)
+    assert moe.shared.num_experts == 1 and moe.experts.num_experts == 4
+    x = torch.randn(2, 9, DIM)
+    torch.testing.assert_close(moe(x)[0], dense(x), atol=1e-6, rtol=1e-5)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    y, _ = moe(x, token_mask=mask)
+    assert (y[1, 5:] == 0).all()  # padding goes through no expert, the shared one included
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.shared.parameters())
+
+
+def test_aux_loss_free_bias_changes_the_choice_and_never_the_gates():
+    layer = make_layer(num_experts=4, top_k=2, drop_tokens=False, bias_update_rate=0.001)
+    x = inputs(40)
+    plain_logits, plain_probs, plain_index, plain_weights, _ = layer.route(x)
+    layer.balance_bias.bias[3] = 1.0  # larger than any probability difference: expert 3 is always chosen
+    logits, probs, index, weights, _ = layer.route(x)
+    assert (index == 3).any(dim=-1).all() and not (plain_index == 3).any(dim=-1).all()
+    torch.testing.assert_close(probs, plain_probs)  # the router's probabilities are untouched
+    chosen = probs.gather(-1, index)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))  # gates from the probabilities alone
+
+
+def test_aux_loss_free_bias_moves_toward_the_under_loaded_experts_after_each_step():
+    layer = make_layer(num_experts=4, top_k=1, drop_tokens=False, bias_update_rate=0.01).train()
+    layer.balance_bias.load.copy_(torch.tensor([10.0, 2.0, 2.0, 2.0]))  # mean 4: expert 0 over, the rest under
+    layer.balance_bias.update()
+    torch.testing.assert_close(layer.balance_bias.bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert layer.balance_bias.load.sum() == 0  # the next step counts afresh
+    assert "balance_bias.bias" in layer.state_dict() and "balance_bias.load" not in layer.state_dict()
+    layer(inputs(30))  # a training forward counts its choices; evaluation does not
+    assert layer.balance_bias.load.sum() == 30
+    layer.eval()(inputs(30))
+    assert layer.balance_bias.load.sum() == 30
+
+
+def test_aux_loss_free_balancing_undoes_a_collapsed_router_without_any_loss():
+    """A router that sends almost every token to expert 0, never trained: the bias updates alone even the load."""
+    layer = make_layer(num_experts=4, top_k=1, drop_tokens=False, bias_update_rate=0.005)
+    with torch.no_grad():
+        layer.router.weight[0, 0] = 3.0  # feature 0 of `inputs` is always 1: expert 0 wins nearly always
+    x = inputs(400)
+
+    def max_over_mean_load():
+        counts = torch.bincount(layer.eval().route(x)[2][:, 0], minlength=4).float()
+        return (counts.max() / counts.mean()).item()
+    before = max_over_mean_load()
+    for _ in range(150):
+        layer.train().route(x)  # a training step's choices (the experts' arithmetic plays no part)
+        layer.balance_bias.update()
+    # from every token on one expert (4.0) to near balance; the sign rule then cycles around it (same tokens
+    # every step here), which is why DeepSeek-V3 keeps the rate small
+    assert before == 4.0 and max_over_mean_load() < 1.7
