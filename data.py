@@ -10,9 +10,11 @@ Read it top to bottom:
                               only) to mix in, written to disk in LLaVA's JSON format
   2. the tokenizer           a tiktoken Encoding: by default a byte-level BPE learned from the built-in corpus
                               (no download); or a named tiktoken encoding (gpt2, cl100k_base, ...) where it loads
-  3. templates               `plain` (stage I) and MoE-LLaVA's chat template (stages II-III); labels only on answers
+  3. templates               `plain` (stage I) and a chat format (stages II-III): MoE-LLaVA's `chat`, or ChatML or
+                              Llama 3's for real LLMs (CHAT_FORMATS); labels only on the answers
   4. loading                 LLaVA JSON -> checked, tokenized samples; bad samples counted and skipped
-  5. batching                a deterministic, resumable order; padding, padding mask, labels, images; stage 0's
+  5. batching                images made square (stretch, crop or pad) and normalised; a deterministic,
+                              resumable order; padding, padding mask, labels, images; stage 0's
                               paired batches; what a run does with a batch whose images are all unreadable
   6. command-line options    any config dataclass as typed --name=value options, its comments as the help
 

@@ -17,7 +17,8 @@ docs/reference.md):
             vision.CaptionHead; --stage0_objective=contrastive for CLIP's loss, or both) and the LLM by
             next-token prediction on the built-in text. Captioning is the default because CLIP's loss can be won
             from colour and layout alone, and the tiny model then never sees shapes (docs/ablations.md). With
-            real pretrained backbones (a CLIP ViT, Phi-2 or Qwen) this stage is skipped.
+            real pretrained backbones it is skipped: --stage 1 --vision_from=CLIP_FOLDER --llm_from=LLM_FOLDER
+            --preset=pretrained loads them with weights.py (docs/backbones.md), and the later stages follow.
   stage I   image-caption pairs, `plain` template, lr 1e-3: the LLM learns to read image features. MoE-LLaVA
             trains the projector alone here; ours trains the LLM too (--stage1_train_llm=false for theirs),
             because our LLM, young and never shown an image, could not learn to read colour or shape through
