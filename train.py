@@ -78,7 +78,7 @@ import weights as W
 from model import (PRESETS, VLM, LLMConfig, VLMConfig, autocast, load_checkpoint, lm_loss,
                    param_counts, save_checkpoint, write_meta)
 from moe import LoRA, LoRASwiGLUExperts, MoEConfig, MoELayer
-from vision import PretrainHead, ViTConfig
+from vision import PretrainHead, ViTConfig, build_projector
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: every default lives here; the command line overrides any field
@@ -266,16 +266,31 @@ def build_model(stage, config, nested, own, prev, tokenizer):
 
 def vlm_from_folders(config, nested, tokenizer):
     """Stage I's VLM from a CLIP folder and an LLM folder (weights.py): the ViT and the LLM as pretrained, a new
-    projector between them. The LLM's vocabulary must hold every id the tokenizer writes into a training batch."""
+    projector between them. The folders fix the architecture: only how images are read (--vision.image_resize,
+    --vision.select_layer) and the longest sequence (--llm.max_seq_len) may be chosen. The LLM's vocabulary must
+    hold the chat format's end token, which ends every answer."""
+    allowed = {"vision": ("image_resize", "select_layer"), "llm": ("max_seq_len",)}
+    for part, names in allowed.items():
+        for name in sorted(set(nested[part]) - set(names)):
+            raise SystemExit(f"error: --{part}.{name} comes from the model folder (--{part}_from); of the "
+                             f"{part} options only {', '.join(f'--{part}.{n}' for n in names)} may be given")
+    vision_options, llm_options = nested["vision"], nested["llm"]
     try:
-        vision, llm = W.load_vit(config.vision_from), W.load_llm(config.llm_from)
-    except W.BadWeights as e:
+        vision = W.load_vit(config.vision_from, vision_options.get("select_layer", -2),
+                            vision_options.get("image_resize", "pad"))
+        llm = W.load_llm(config.llm_from, llm_options.get("max_seq_len", 2048))
+    except (W.BadWeights, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if tokenizer.eos_id >= llm.config.vocab_size:
-        raise SystemExit(f"error: the tokenizer's end-of-text token {D.END_OF_TEXT!r} (id {tokenizer.eos_id}) lies "
-                         f"outside {config.llm_from}'s vocabulary of {llm.config.vocab_size}")
-    vlm = VLM(VLMConfig(vision=vision.config, llm=llm.config, projector=nested.get("projector", "mlp2x_gelu")))
+        end = D.CHAT_FORMATS[tokenizer.chat].end
+        raise SystemExit(f"error: the {tokenizer.chat!r} chat format ends answers with {end!r} (id "
+                         f"{tokenizer.eos_id}), which lies outside {config.llm_from}'s vocabulary of "
+                         f"{llm.config.vocab_size}: choose another --chat_template")
+    vlm_config = VLMConfig(vision=vision.config, llm=llm.config, projector=nested.get("projector", "mlp2x_gelu"))
+    with torch.device("meta"):  # the VLM's frame alone, without memory: its ViT and LLM are the loaded ones
+        vlm = VLM(vlm_config)
     vlm.vision, vlm.llm = vision, llm
+    vlm.projector = build_projector(vlm_config.projector, vision.config.width, llm.config.dim)
     return vlm
 
 
@@ -584,6 +599,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             losses, tokens, routing, pictured, flops = accumulate_gradients(st, step, config, rt, bar.write)
             if losses is None:  # no readable micro-batch on any rank: no step
                 st.optimizer.zero_grad(set_to_none=True)
+                update_balance_biases(st.vlm, rt, move=False)
                 continue
             if not math.isfinite(losses["loss"]):
                 bar.close()
@@ -594,7 +610,7 @@ def train_stage(st, config, rt=P.Runtime(), interrupt=None, log=P.print0):
             P.clip_grad_norm(st.params, st.vlm, config.grad_clip, rt)
             st.optimizer.step()
             st.optimizer.zero_grad(set_to_none=True)
-            update_balance_biases(st.vlm, rt)
+            update_balance_biases(st.vlm, rt, move=st.number != 4)
 
             completed = step + 1  # steps done: what the log, validation and checkpoints count
             seconds = synchronized_time(rt.device) - t0
@@ -653,13 +669,17 @@ def accumulate_gradients(st, step, config, rt, warn=print):
     return {k: v / good for k, v in zip(names, totals)}, int(tokens), routed, int(pictured), flops
 
 
-def update_balance_biases(vlm, rt=P.Runtime()):
+def update_balance_biases(vlm, rt=P.Runtime(), move=True):
     """Aux-loss-free balancing (moe.BalanceBias, --moe.bias_update_rate): after each step every MoE layer's choice
-    bias moves toward the experts that got fewer tokens, by the step's load summed over all ranks."""
+    bias moves toward the experts that got fewer tokens, by the step's load summed over all ranks. move=False
+    only clears the count (a skipped step; stage 4, where the routing stays as stage III left it). A stand-in
+    batch at weight 0 (distributed runs) is counted: it repeats one of that rank's real batches."""
     for module in vlm.modules():
         if isinstance(module, MoELayer) and module.balance_bias is not None:
             load = module.balance_bias.load
-            module.balance_bias.update(torch.tensor(rt.sum(load.tolist()), dtype=load.dtype, device=load.device))
+            if move:
+                load = torch.tensor(rt.sum(load.tolist()), dtype=load.dtype, device=load.device)
+            module.balance_bias.update(load if move else torch.zeros_like(load))
 
 
 def non_finite_message(st, step, loss):
@@ -692,8 +712,8 @@ def routing_record(vlm, counts, rt=P.Runtime()):
 # Model FLOPs utilisation (MFU): the arithmetic a step's model needs, over what the device can do (as nanoGPT's
 # estimate_mfu, and the PaLM paper's definition: recomputation and padding are not counted as useful work)
 
-KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,  # dense bf16
-               "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # tensor-core FLOP/s, from the vendors' data sheets
+KNOWN_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+               "L40S": 362e12, "L40": 181e12, "L4": 121e12}  # dense bf16 tensor-core FLOP/s, vendors' data sheets
 
 
 def synchronized_time(device):
@@ -708,7 +728,7 @@ def device_peak_flops(device):
     reaches on square matmuls in the training dtype (bf16 on CUDA, fp32 on the CPU), measured here."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in KNOWN_PEAKS.items():
+        for key, peak in sorted(KNOWN_PEAKS.items(), key=lambda kv: -len(kv[0])):  # "L40S" before "L40", "L4"
             if key in name:
                 return peak, f"{name}, bf16 data-sheet peak"
     dtype, n = (torch.bfloat16, 4096) if device.type == "cuda" else (torch.float32, 1024)
@@ -724,36 +744,41 @@ def device_peak_flops(device):
 
 def flop_model(vlm):
     """What batch_flops needs from the VLM, computed once per stage: per part (vision, projector, llm) its active
-    parameters that do matmuls, the share of them that trains, whether gradients flow through it (it, or a part
-    before it, trains), and for the transformers their layers x width (the attention term)."""
-    vc, parts = vlm.config.vision, {}
+    parameters that do matmuls, how many of those train, whether gradients flow through it (it, or a part before
+    it, trains), and for the transformers their layers x width (the attention term). An MoE layer's experts count
+    k / E of their parameters: a token runs k of its E experts."""
+    share = {}
+    for module in vlm.modules():
+        if isinstance(module, MoELayer):
+            own = getattr(module.experts, "expert_parameters", module.experts.parameters)  # (LoRA: not the base)
+            share.update({id(p): module.config.top_k / module.config.num_experts for p in own()})
+    vc, parts, flows = vlm.config.vision, {}, False
     used = vc.select_layer % (vc.layers + 1)  # ViT blocks after the selected layer never run
     blocks = [vlm.vision.blocks[i] for i in range(used)]
-    flows = False
     for name, modules, attention in (("vision", blocks, used * vc.width), ("projector", [vlm.projector], 0),
                                      ("llm", [vlm.llm], vlm.config.llm.n_layer * vlm.config.llm.dim)):
-        counts = [param_counts(m) for m in modules]
-        active = sum(c["active"] for c in counts)
-        if name == "llm" and not vlm.config.llm.tie_embeddings:
-            active -= vlm.llm.tok_emb.weight.numel()  # a lookup, not a matmul (the output head is one)
-        trains = sum(c["trainable"] for c in counts) / max(sum(c["total"] for c in counts), 1)
-        flows = flows or trains > 0
-        parts[name] = (active, trains, flows, attention)
+        params = {id(p): p for m in modules for p in m.parameters()}.values()
+        # an untied token embedding is a lookup, not a matmul (a tied one is also the output head, a matmul)
+        lookup = set() if name != "llm" or vlm.config.llm.tie_embeddings else {id(vlm.llm.tok_emb.weight)}
+        active = sum(p.numel() * share.get(id(p), 1.0) for p in params if id(p) not in lookup)
+        trained = sum(p.numel() * share.get(id(p), 1.0) for p in params if p.requires_grad and id(p) not in lookup)
+        flows = flows or trained > 0
+        parts[name] = (active, trained, flows, attention)
     return parts
 
 
 def batch_flops(parts, batch, num_patches):
     """A micro-batch's model FLOPs, forward and backward: per token, 2 per active parameter forward, 2 more for the
-    activations' gradients where gradients flow, 2 x (the share that trains) for the weights' gradients; plus
-    attention's 2 x 2 x layers x width x context per token forward (the scores and the weighted sum), tripled
-    likewise. Approximate where parts partly train; a stage's whole-model figure, not a kernel's."""
+    activations' gradients where gradients flow, 2 per trained active parameter for the weights' gradients; and
+    attention's 4 x layers x width x context per token forward (the scores and the weighted sum), twice that
+    again backward where gradients flow. A whole-model estimate, as nanoGPT's estimate_mfu, not a kernel count."""
     images = 0 if batch.images is None else batch.images.shape[0]
     context = {"vision": num_patches + 1, "projector": 0, "llm": batch.num_tokens / batch.input_ids.shape[0]}
     tokens = {"vision": images * (num_patches + 1), "projector": images * num_patches, "llm": batch.num_tokens}
     total = 0.0
-    for name, (active, trains, flows, attention) in parts.items():
-        factor = 2 + 2 * flows + 2 * trains
-        total += factor * tokens[name] * (active + 2 * attention * context[name])
+    for name, (active, trained, flows, attention) in parts.items():
+        per_token = (2 + 2 * flows) * active + 2 * trained + (1 + 2 * flows) * 4 * attention * context[name]
+        total += tokens[name] * per_token
     return total
 
 

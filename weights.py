@@ -394,7 +394,9 @@ def tokenizer_from_folder(folder, chat=""):
     added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}  # matched whole, never built by merges
     ranks = {token: i for token, i in ranks.items() if i not in set(added.values())}
     encoding = D.with_special_tokens(os.path.basename(os.path.normpath(folder)), pattern, ranks, added)
-    tokenizer = D.Tokenizer(encoding, "folder", specials=tuple(encoding.special_tokens_set), nfc=normalizer == "NFC",
+    # text may hold the folder's own special tokens and <image>; an <|endoftext|> appended for a folder that has
+    # none (Llama 3) lies outside the LLM's vocabulary and stays plain text, as the folder's tokenizer reads it
+    tokenizer = D.Tokenizer(encoding, "folder", specials=(*added, D.IMAGE_PLACEHOLDER), nfc=normalizer == "NFC",
                             digits=digits, folder=folder, chat=chat or chat_format_of(added, path))
     try:
         D.check_chat_format(tokenizer)

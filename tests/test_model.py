@@ -380,7 +380,10 @@ def test_gradients_reach_vision_projector_llm_and_router():
 
 
 @pytest.mark.parametrize("moe_layers", ["", "sparse"])
-def test_gradient_checkpointing_changes_neither_the_loss_nor_the_gradients(moe_layers):
+def test_gradient_checkpointing_changes_neither_the_loss_nor_the_gradients(moe_layers, monkeypatch):
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     grads = []
     for checkpointing in (False, True):
         model = vlm(moe_layers=moe_layers)
@@ -388,6 +391,7 @@ def test_gradient_checkpointing_changes_neither_the_loss_nor_the_gradients(moe_l
         out = model(*vlm_batch())
         out.loss.backward()
         grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == 4  # the second model checkpointed each of its 4 blocks, the first none
     (loss, plain), (loss_ckpt, ckpt) = grads
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
     assert plain.keys() == ckpt.keys() and len(plain) > 10

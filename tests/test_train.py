@@ -244,22 +244,31 @@ def test_stage3_log_counts_every_real_token_k_times(pipeline):
 
 def test_mfu_counts_the_model_flops_of_each_part_and_is_logged(pipeline):
     """Stage II (ViT frozen, projector and LLM trained): the ViT forward only (2 per parameter per token), the
-    projector and LLM forward and backward (6); attention adds 4 x layers x width x context per token forward."""
+    projector and LLM forward and backward (6); attention adds 4 x layers x width x context per token forward,
+    tripled where gradients flow. Stage III of MoE-LLaVA: an expert's parameters count k / E, and only the trained
+    ones (experts, routers, projector) count their weight gradients."""
     vlm = VLM(PRESETS["tiny"])
     train.set_trainable(2, vlm, train.TrainConfig())
     parts = train.flop_model(vlm)
     vc, lc = vlm.config.vision, vlm.config.llm
     vit = sum(p.numel() for i in range(vc.layers - 1) for p in vlm.vision.blocks[i].parameters())  # (select -2)
-    assert parts["vision"] == (vit, 0.0, False, (vc.layers - 1) * vc.width)
-    assert parts["projector"][1:] == (1.0, True, 0) and parts["llm"][1:3] == (1.0, True)
+    llm = sum(p.numel() for p in vlm.llm.parameters())
+    assert parts["vision"] == (vit, 0, False, (vc.layers - 1) * vc.width)
+    assert parts["llm"] == (llm, llm, True, lc.n_layer * lc.dim) and parts["projector"][2:] == (True, 0)
     P = vlm.num_image_tokens
     batch = D.Batch(input_ids=torch.zeros(2, 100, dtype=torch.long), labels=None,
                     attention_mask=torch.arange(100).expand(2, 100) < torch.tensor([[100], [60]]),
                     images=torch.zeros(2, 3, 64, 64))
-    expected = (2 * 2 * (P + 1) * (vit + 2 * (vc.layers - 1) * vc.width * (P + 1)) +  # 2 images, 65 tokens each
-                6 * 2 * P * parts["projector"][0] +
-                6 * 160 * (parts["llm"][0] + 2 * lc.n_layer * lc.dim * 80))  # 160 real tokens, 80 per sequence
+    expected = (2 * (P + 1) * (2 * vit + 4 * (vc.layers - 1) * vc.width * (P + 1)) +  # 2 images, 65 tokens each
+                2 * P * 6 * parts["projector"][0] +
+                160 * (6 * llm + 3 * 4 * lc.n_layer * lc.dim * 80))  # 160 real tokens, 80 per sequence
     assert train.batch_flops(parts, batch, P) == pytest.approx(expected)
+    vlm.upcycle_to_moe("sparse", MoEConfig())  # 4 experts, top-2: half of each MoE layer's experts run
+    train.set_trainable(3, vlm, train.TrainConfig())
+    experts = sum(p.numel() for b in vlm.llm.blocks if b.is_moe for p in b.ffn.experts.parameters())
+    routers = sum(p.numel() for b in vlm.llm.blocks if b.is_moe for p in b.ffn.router.parameters())
+    total = sum(p.numel() for p in vlm.llm.parameters())
+    assert train.flop_model(vlm)["llm"][:3] == (total - experts / 2, routers + experts / 2, True)
     out, _, _ = pipeline
     for stage in (1, 2, 3):
         steps = [json.loads(x) for x in (out / f"stage{stage}" / "log.jsonl").read_text().splitlines()]

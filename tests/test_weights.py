@@ -234,6 +234,10 @@ def test_a_folder_s_special_tokens_choose_its_chat_format(tmp_path):
         W.tokenizer_from_folder(str(tmp_path / "none"))
     with pytest.raises(W.BadWeights, match="'chatml' chat format needs the special token"):
         W.tokenizer_from_folder(str(tmp_path / "llama3"), "chatml")
+    with pytest.raises(W.BadWeights, match="'chat' chat format needs the special token.*<|endoftext|>"):
+        W.tokenizer_from_folder(str(tmp_path / "llama3"), "chat")  # Llama 3 has no <|endoftext|>
+    text = "a <|endoftext|> tiny <|eot_id|>"  # ours appends <|endoftext|> past the vocabulary: it stays plain text
+    assert ours.encode(text) == bpe.from_file(str(tmp_path / "llama3" / "tokenizer.json")).encode(text).ids
 
 
 def test_a_tokenizer_that_cannot_convert_exactly_is_refused(tmp_path):
@@ -293,3 +297,6 @@ def test_moe_tuning_runs_from_model_folders(tmp_path):
     assert metrics is not None
     with pytest.raises(SystemExit, match="go together"):
         train.main(["--stage", "1", "--llm_from", str(tmp_path / "llm"), *common])
+    with pytest.raises(SystemExit, match="--llm.dim comes from the model folder"):
+        train.main(["--stage", "1", "--preset=pretrained", "--vision_from", str(tmp_path / "clip"), "--llm_from",
+                    str(tmp_path / "llm"), "--llm.dim=64", "--out_dir", str(tmp_path / "other"), *common[2:]])
