@@ -36,9 +36,9 @@ def ints(text):
     return [int(v) for v in text.split(",")]
 
 
-def timed(fn, iters, device):
-    """Median wall time of fn() in ms (CUDA events on a GPU), after two warm-up calls."""
-    for _ in range(2):
+def timed(fn, iters, device, warmup=2):
+    """Median wall time of fn() in ms (CUDA events on a GPU), after `warmup` warm-up calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):

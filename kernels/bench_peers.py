@@ -13,15 +13,17 @@ For each shape (T tokens x H hidden x F expert hidden x E experts, top-k), forwa
   DeepSpeed       deepspeed.moe.layer.MoE (GShard-style dispatch through dense one-hot tensors), dropless top-k
   dense           a SwiGLU FFN of hidden size k * F: the same matmul FLOPs per token, no routing
 The peers are benchmark-only: the package never imports them, and a peer that is not installed is skipped with
-a note. Hugging Face's block gets our weights and must compute our output (checked: its largest difference from ours,
-relative to our largest output);
-DeepSpeed's top-2 gate adds noise to the second choice, so it is timed, not compared. fp32 on the CPU, bf16
-autocast on CUDA. The ratios are what to read: this machine is shared, so absolute times move between runs.
+a note. Hugging Face's block gets our weights and must compute our output (checked: its largest difference
+from ours, relative to our largest output); DeepSpeed's top-2 gate adds noise to the second choice, so it is
+timed, not compared. fp32 on the CPU, bf16 autocast on CUDA. The layers are timed round robin (each round
+times each once; medians over the rounds), so a busy moment of a shared machine hits all of them alike: read
+the ratios, not the absolute times.
 """
 import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 
 import torch
@@ -136,16 +138,19 @@ def bench_shape(T, H, F, E, k, device, dtype, iters, note):
             except Exception as e:  # e.g. an experts implementation this transformers does not offer on this device
                 note.add(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 agreement[name] = None
-    rows = {}
-    for name, module in candidates.items():
-        if agreement.get(name, 0.0) is None:
-            continue
-        fn = forward(name, module)
-        rows[name] = (timed(run(fn, x, False), iters, device), timed(run(fn, x, True), iters, device),
-                      agreement.get(name))
-        module.zero_grad(set_to_none=True)
+    # round robin: each round times every layer once, so a busy moment of a shared machine hits all of them alike
+    steps = {name: (run(forward(name, m), x, False), run(forward(name, m), x, True))
+             for name, m in candidates.items() if agreement.get(name, 0.0) is not None}
+    times = {name: ([], []) for name in steps}
+    for _ in range(iters + 2):  # (two warm-up rounds, dropped below)
+        for name, (fwd, both) in steps.items():
+            for i, step in enumerate((fwd, both)):
+                times[name][i].append(timed(step, 1, device, warmup=0))
+        for m in candidates.values():
+            m.zero_grad(set_to_none=True)
         x.grad = None
-    return rows
+    return {name: (statistics.median(f[2:]), statistics.median(b[2:]), agreement.get(name))
+            for name, (f, b) in times.items()}
 
 
 def versions():
