@@ -676,10 +676,11 @@ def update_balance_biases(vlm, rt=P.Runtime(), move=True):
     batch at weight 0 (distributed runs) is counted: it repeats one of that rank's real batches."""
     for module in vlm.modules():
         if isinstance(module, MoELayer) and module.balance_bias is not None:
-            load = module.balance_bias.load
+            bias = module.balance_bias
             if move:
-                load = torch.tensor(rt.sum(load.tolist()), dtype=load.dtype, device=load.device)
-            module.balance_bias.update(load if move else torch.zeros_like(load))
+                bias.update(torch.tensor(rt.sum(bias.load.tolist()), dtype=bias.load.dtype, device=bias.load.device))
+            else:
+                bias.load.zero_()
 
 
 def non_finite_message(st, step, loss):
@@ -732,7 +733,7 @@ def device_peak_flops(device):
             if key in name:
                 return peak, f"{name}, bf16 data-sheet peak"
     dtype, n = (torch.bfloat16, 4096) if device.type == "cuda" else (torch.float32, 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # (not random: training's random stream stays)
     a @ b  # (warm-up)
     fastest = float("inf")
     for _ in range(5):  # the best of five: what the device reaches, not what a busy moment allowed
