@@ -66,6 +66,7 @@ CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "G
 class BuiltinConfig:
     seed: int = 0
     n_train: int = 5000  # scenes per split; each scene gives one caption sample and one instruction sample
+    extra_train: int = 0  # more training scenes, drawn after test: val, test and the tokenizer stay the same
     n_val: int = 250
     n_test: int = 500
     text_only_fraction: float = 0.1  # text-only instruction samples, as a fraction of a split's scenes
@@ -74,8 +75,9 @@ class BuiltinConfig:
     bpe_vocab_size: int = 1024  # at most; learning stops when no pair of tokens repeats
 
     def __post_init__(self):
-        if min(self.n_train, self.n_val, self.n_test) < 1 or not 1 <= self.max_objects <= 9:
-            raise ValueError("BuiltinConfig: every split needs at least one scene, and max_objects must be 1..9")
+        if min(self.n_train, self.n_val, self.n_test) < 1 or self.extra_train < 0 or not 1 <= self.max_objects <= 9:
+            raise ValueError("BuiltinConfig: every split needs at least one scene, extra_train cannot be negative, "
+                             "and max_objects must be 1..9")
         if self.bpe_vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"BuiltinConfig: bpe_vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (the bytes)")
 
@@ -235,7 +237,8 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
     tokenizer.
 
     Splits are drawn from one seeded stream; a scene identical to one already drawn (in any split) is redrawn,
-    so no scene is shared between train, val and test.
+    so no scene is shared between train, val and test. `extra_train` scenes are drawn last and appended to the
+    training split, so a larger set keeps the same validation and test scenes and the same tokenizer.
     """
     from tqdm import tqdm
     rng = random.Random(config.seed)
@@ -243,10 +246,14 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
     seen = set()
     corpus = []
     splits = {"train": config.n_train, "val": config.n_val, "test": config.n_test}
-    bar = tqdm(total=sum(splits.values()), desc="drawing the built-in data set", disable=not progress)
-    for split, n in splits.items():
+    parts = [(split, 0, n) for split, n in splits.items()]
+    if config.extra_train:
+        parts.append(("train", config.n_train, config.extra_train))
+    bar = tqdm(total=sum(n for _, _, n in parts), desc="drawing the built-in data set", disable=not progress)
+    files = {}
+    for split, first, n in parts:
         captions, instruct, scenes = [], [], []
-        for i in range(n):
+        for i in range(first, first + n):
             scene = make_scene(rng, config.max_objects)
             while scene_signature(scene) in seen:
                 scene = make_scene(rng, config.max_objects)
@@ -261,15 +268,16 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
             scenes.append({"id": sid, "image": image, **scene})
             bar.update()
         n_text = round(n * config.text_only_fraction)
-        instruct += [text_only_sample(rng, f"{split}-text-{i:05d}") for i in range(n_text)]
+        instruct += [text_only_sample(rng, f"{split}-text-{i:05d}") for i in range(first, first + n_text)]
         rng.shuffle(instruct)
-        write_json(os.path.join(data_dir, f"captions_{split}.json"), captions)
-        write_json(os.path.join(data_dir, f"instruct_{split}.json"), instruct)
-        write_json(os.path.join(data_dir, f"scenes_{split}.json"), scenes)
-        if split == "train":  # the BPE learns from the texts exactly as the templates render them
+        if split == "train" and first == 0:  # the BPE learns from the texts exactly as the templates render them
             corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
             corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
+        for name, samples in (("captions", captions), ("instruct", instruct), ("scenes", scenes)):
+            files.setdefault(f"{name}_{split}.json", []).extend(samples)
     bar.close()
+    for name, samples in files.items():
+        write_json(os.path.join(data_dir, name), samples)
     # the second domain, half as many samples as scenes per split; not in the BPE's corpus (digits are single
     # tokens and its words are spelled in bytes), so the scenes, their texts and the tokenizer stay as they were
     rng, seen = random.Random(config.seed + ARITHMETIC_STREAM), set()

@@ -86,7 +86,7 @@ from vision import PretrainHead, ViTConfig, build_projector
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "tiny"  # model size: tiny (CPU, minutes) or small (one GPU)
+    preset: str = "tiny"  # tiny (CPU, 15 min), long (the tiny model, CPU, 1 hour), small (one GPU), pretrained
     out_dir: str = "out"  # stage N writes {out_dir}/stage{N}/
     data_dir: str = "data/builtin"  # the built-in data set; written there on first use
     data_path: str = ""  # a LLaVA-format JSON to train this stage on instead of the built-in data; a,b mixes files
@@ -147,6 +147,10 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     "tiny": TrainConfig(),
+    # the tiny model trained about 3.5 x longer on 5 x the training scenes (PRESET_DATA): on the tiny preset's 5000
+    # scenes, longer training memorises them (docs/ablations.md); within an hour on a 2-core CPU
+    "long": TrainConfig(preset="long", data_dir="data/builtin-long", stage0_iters=1500, stage1_iters=1500,
+                        stage2_iters=6000, stage3_iters=1200, eval_interval=500, ckpt_interval=500),
     # sized for one GPU by arithmetic, not yet measured on one
     "small": TrainConfig(preset="small", batch_size=32, clip_batch_size=256, stage0_iters=3000, stage1_iters=500,
                          stage2_iters=3000, stage3_iters=1500, stage0_lr=6e-4, stage2_lr=3e-4, stage3_lr=1e-4,
@@ -158,6 +162,8 @@ TRAIN_PRESETS = {
                               stage2_iters=5200, stage3_iters=5200, stage1_lr=1e-3, stage2_lr=2e-5, stage3_lr=2e-5,
                               stage1_train_llm=False, eval_interval=500, ckpt_interval=500),
 }
+PRESET_MODEL = {"long": "tiny"}  # a training preset that reuses another's model (model.PRESETS)
+PRESET_DATA = {"long": {"extra_train": 20000}}  # a training preset's built-in data set (data.BuiltinConfig)
 # A recipe is a set of defaults: where the experts go, what each stage trains, the MoE losses. Any piece can still
 # be set on its own (--recipe=cumo --moe_layers=sparse puts experts in the ViT, the projector *and* the LLM).
 RECIPES = {
@@ -222,7 +228,7 @@ def build_model(stage, config, nested, own, prev, tokenizer):
         if stage == 1 and prev is None and own is None:  # real backbones, from model folders (weights.py)
             return vlm_from_folders(config, nested, tokenizer), None
         if stage == 0 and own is None:
-            base = PRESETS[config.preset]
+            base = PRESETS[PRESET_MODEL.get(config.preset, config.preset)]
             vlm_config = VLMConfig(vision=replace(base.vision, **nested["vision"]),
                                    llm=replace(base.llm, vocab_size=tokenizer.vocab_size, **nested["llm"]),
                                    projector=nested.get("projector", base.projector))
@@ -1003,6 +1009,7 @@ def parse_args(argv):
     config = replace(TRAIN_PRESETS[preset], **{**RECIPES[recipe]["train"], "recipe": recipe, **given})  # given wins
     nested = {prefix: {} for prefix in NESTED}
     nested["moe"] = dict(RECIPES[recipe]["moe"])
+    nested["data"] = dict(PRESET_DATA.get(preset, {}))
     for key, value in args.items():
         if "." in key and value is not None:
             prefix, name = key.split(".")
