@@ -125,6 +125,7 @@ class TrainConfig:
     routing_interval: int = 50  # steps between per-expert token counts in stage III's log
     ckpt_interval: int = 200  # steps between checkpoints (also at the end)
     recipe: str = "moe-llava"  # moe-llava (experts in the LLM), cumo (in the ViT, projector) or mole (LoRA experts)
+    moe_from_stage: int = 3  # the stage that upcycles: 3 (MoE-Tuning), or 2 (an ablation: no dense stage II)
     moe_layers: str = "sparse"  # stage III: which FFNs become MoE layers (sparse, dense, first_half, second_half, 0,2)
     vision_moe_layers: str = ""  # stage III: which ViT MLPs become MoE layers (CuMo: all; as moe_layers)
     projector_moe: bool = False  # stage III: the mlp2x_gelu projector becomes an MoE of its copies (CuMo)
@@ -248,9 +249,13 @@ def build_model(stage, config, nested, own, prev, tokenizer):
             if stage == 4:  # LoRA on the trained model: attention, and one adapter per expert of each MoE FFN
                 vlm.add_lora(config.lora_targets or "attention,mlp", "", vlm_config.llm.moe, config.lora_rank,
                              config.lora_alpha, config.lora_dropout)
-            if stage == 3:
-                moe = replace(vlm_config.llm.moe, **nested["moe"])
+            moe = replace(vlm_config.llm.moe, **nested["moe"])
+            if config.moe_from_stage <= stage <= 3 and is_dense(vlm_config):  # (stage II: an ablation)
                 vlm.upcycle_to_moe(config.moe_layers, moe, config.vision_moe_layers, config.projector_moe)
+            elif stage == 3 and any(moe != vlm.moe_config(part) for part, _ in vlm.moe_layer_names()):
+                raise SystemExit("error: this model became an MoE in stage II (--moe_from_stage=2); --moe.* options "
+                                 "belong to that stage")
+            if stage == 3:
                 if config.lora_targets or config.mole_layers:
                     vlm.add_lora(config.lora_targets, config.mole_layers, moe, config.lora_rank, config.lora_alpha,
                                  config.lora_dropout)
@@ -268,6 +273,10 @@ def build_model(stage, config, nested, own, prev, tokenizer):
                                  f"with the same value")
             head.load_state_dict(own["head"])
     return vlm, head
+
+
+def is_dense(vlm_config):
+    return not (vlm_config.llm.moe_layers or vlm_config.vision.moe_layers or vlm_config.projector_moe)
 
 
 def vlm_from_folders(config, nested, tokenizer):
@@ -1016,6 +1025,9 @@ def parse_args(argv):
             nested[prefix][name] = value
     if args["projector"]:
         nested["projector"] = args["projector"]
+    if config.moe_from_stage not in (2, 3) or (config.moe_from_stage == 2 and config.stage3_train == "lora"):
+        raise SystemExit(f"error: --moe_from_stage={config.moe_from_stage} must be 3 (MoE-Tuning) or 2, and 2 "
+                         "leaves no stage for LoRA experts (--recipe=mole)")
     if config.stage3_train not in ("moe", "all", "lora"):
         raise SystemExit(f"error: --stage3_train={config.stage3_train} must be moe, all or lora")
     if (config.vision_from or config.llm_from) and (stages != [1] or not (config.vision_from and config.llm_from)):
