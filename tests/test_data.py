@@ -64,6 +64,23 @@ def test_splits_share_no_scene(builtin):
             assert not {key(s) for s in scenes[a]} & {key(s) for s in scenes[b]}
 
 
+def test_extra_training_scenes_leave_validation_test_and_tokenizer_as_they_were(builtin, tmp_path):
+    more = dataclasses.replace(SMALL, extra_train=30)
+    D.generate_builtin(str(tmp_path / "more"), more, progress=False)
+    same = ["instruct_val.json", "captions_test.json", "scenes_test.json", D.BUILTIN_TOKENIZER_FILE]
+    match, mismatch, errors = filecmp.cmpfiles(builtin, tmp_path / "more", same, shallow=False)
+    assert match == same, (mismatch, errors)
+    scenes = D.read_json(str(tmp_path / "more" / "scenes_train.json"))
+    assert len(scenes) == SMALL.n_train + 30 and scenes[:SMALL.n_train] == D.read_json(
+        os.path.join(builtin, "scenes_train.json"))
+    held_out = {D.scene_signature(s) for split in ("val", "test")
+                for s in D.read_json(str(tmp_path / "more" / f"scenes_{split}.json"))}
+    assert len({D.scene_signature(s) for s in scenes}) == len(scenes) and not held_out & {
+        D.scene_signature(s) for s in scenes}
+    texts = [s for s in D.read_json(str(tmp_path / "more" / "instruct_train.json")) if "image" not in s]
+    assert len(texts) == len({s["id"] for s in texts}) == round(SMALL.n_train * 0.1) + 3
+
+
 def test_builtin_files_are_llava_format(builtin):
     for name in ("captions_train.json", "instruct_train.json"):
         samples = D.read_json(os.path.join(builtin, name))

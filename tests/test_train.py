@@ -346,6 +346,33 @@ def test_cumo_stage3_co_upcycles_the_vision_side_and_logs_each_loss(pipeline, tm
     assert sum(image) > 0 and sum(text) == 0  # the ViT routes image tokens only
 
 
+def test_the_long_preset_is_the_tiny_model_on_more_scenes_in_its_own_data_folder():
+    _, config, nested = train.parse_args(["--stage", "all", "--preset=long"])
+    assert config.data_dir != train.TrainConfig().data_dir and nested["data"] == {"extra_train": 20000}
+    assert config.stage2_iters > train.TrainConfig().stage2_iters
+    assert train.PRESETS[train.PRESET_MODEL[config.preset]] == PRESETS["tiny"]
+    _, _, nested = train.parse_args(["--stage", "all", "--preset=long", "--data.extra_train=5"])
+    assert nested["data"] == {"extra_train": 5}  # the command line wins
+
+
+def test_moe_from_stage_2_upcycles_there_and_stage_3_goes_on_with_those_experts(pipeline, tmp_path):
+    out, data_dir, _ = pipeline  # the ablation of MoE-Tuning: no dense stage II
+    shutil.copytree(out / "stage1", tmp_path / "stage1")
+    [two] = run(tmp_path, "--stage", "2", "--max_iters=2", "--moe_from_stage=2", "--moe.top_k=1", data_dir=data_dir)
+    assert two["model_config"]["llm"]["moe_layers"] == "sparse" and two["model_config"]["llm"]["moe"]["top_k"] == 1
+    log = [json.loads(line) for line in (tmp_path / "stage2" / "log.jsonl").read_text().splitlines()]
+    assert any("routing" in r for r in log) and log[0]["val_aux"] > 0  # routed, and balanced, from stage II on
+    experts = load_state(tmp_path, 2)["model"]["llm.blocks.0.ffn.experts.gate_proj"]
+    assert not torch.equal(experts[0], experts[1])  # stage II trained the copies apart
+    with pytest.raises(SystemExit, match="became an MoE in stage II"):
+        run(tmp_path, "--stage", "3", "--max_iters=1", "--moe.top_k=2", data_dir=data_dir)
+    [three] = run(tmp_path, "--stage", "3", "--max_iters=2", data_dir=data_dir)
+    assert three["model_config"]["llm"] == two["model_config"]["llm"]
+    assert three["val"]["val_ce"] > 0 and three["counts"]["trainable"] < three["counts"]["total"]
+    with pytest.raises(SystemExit, match="--moe_from_stage=4 must be 3"):
+        train.parse_args(["--stage", "2", "--moe_from_stage=4"])
+
+
 def test_a_stage_that_trains_the_vit_gives_it_a_scaled_learning_rate(pipeline, tmp_path):
     out, data_dir, _ = pipeline
     shutil.copytree(out / "stage1", tmp_path / "stage1")
