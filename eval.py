@@ -553,6 +553,7 @@ class RoutingCounts:
     dropped: torch.Tensor  # (L,) assignments dropped for lack of capacity
     tokens: torch.Tensor  # (2,) text and image tokens routed
     pathways: list  # [Counter(tuple of top-1 experts across the MoE layers -> tokens)] for text, image
+    prob_sums: torch.Tensor  # (L, E) each expert's router probability summed over the routed tokens (LLM layers)
 
     @classmethod
     def zeros(cls, layers, top_k, num_experts, capacity_factor):
@@ -561,7 +562,8 @@ class RoutingCounts:
                    topk_counts=torch.zeros(L, 2, num_experts, dtype=torch.long),
                    top1_counts=torch.zeros(L, 2, num_experts, dtype=torch.long),
                    dropped=torch.zeros(L, dtype=torch.long), tokens=torch.zeros(2, dtype=torch.long),
-                   pathways=[collections.Counter(), collections.Counter()])
+                   pathways=[collections.Counter(), collections.Counter()],
+                   prob_sums=torch.zeros(L, num_experts, dtype=torch.float64))
 
 
 def routing_groups(vlm):
@@ -641,7 +643,7 @@ def loss_and_routing(vlm, examples, tokenizer, batch_size, device, progress=True
 
 def add_counts(counts, other):
     """Add another RoutingCounts (of the same model) into counts."""
-    for name in ("topk_counts", "top1_counts", "dropped", "tokens"):
+    for name in ("topk_counts", "top1_counts", "dropped", "tokens", "prob_sums"):
         getattr(counts, name).add_(getattr(other, name))
     for mine, theirs in zip(counts.pathways, other.pathways):
         mine.update(theirs)
@@ -668,6 +670,7 @@ def add_routing(counts, routing, image_mask, attention_mask):
         counts.topk_counts[i] += stats.expert_counts.cpu()
         counts.top1_counts[i] += stats.top1_counts.cpu()
         counts.dropped[i] += int(stats.dropped)
+        counts.prob_sums[i] += stats.prob_mean.detach().double().cpu() * int(stats.top1_counts.sum())
     real = attention_mask.bool()
     is_image = image_mask[real].cpu()
     counts.tokens += torch.stack([(~is_image).sum(), is_image.sum()])
@@ -811,7 +814,7 @@ def evaluate(config, model, data, out, log=print, rt=P.Runtime()):
     for group, counts in groups.items():
         summary = routing_summary(counts)
         key, prefix = ("routing", "") if group == "llm" else ("vision_routing", "vision_")
-        metrics[key] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load",
+        metrics[key] = {k: summary[k] for k in ("layers", "tokens", "max_over_mean_load", "cv_load", "balance_loss",
                                                 "capacity_factor", "dropped_fraction")}
         metrics[key]["files"] = write_routing_outputs(summary, records[group], out, config.plots, prefix) \
             if writer else []
@@ -843,6 +846,10 @@ def metric_rows(m):
         for i, layer in enumerate(r["layers"] if r else []):
             rows.append((f"{layer_label(layer)}: max/mean load, CV, dropped", f"{r['max_over_mean_load'][i]:.2f}, "
                          f"{r['cv_load'][i]:.2f}, {100 * r['dropped_fraction'][i]:.2f}%"))
+        if r and r.get("balance_loss"):
+            b = r["balance_loss"]
+            rows.append(("balancing loss: DeepSpeed's (per layer, 1.0 even) / Hugging Face's (pooled, k even)",
+                         f"{' + '.join(f'{v:.3f}' for v in b['deepspeed'])} / {b['hf']:.3f}"))
     if (m.get("vision_routing") or {}).get("by_place"):  # 1 / E: the place says nothing; 100: it alone decides
         rows.append(("patches on their place's commonest expert, per vision MoE layer",
                      " / ".join(f"{100 * v:.1f}" for v in m["vision_routing"]["by_place"])))
@@ -917,7 +924,25 @@ def routing_summary(counts, top_paths=10):
         "cv_load": balance_cv.tolist(),  # coefficient of variation of the experts' loads; 0 = balanced
         "dropped_fraction": (counts.dropped.double() / assignments).tolist(),
         "pathways": pathways,
+        "balance_loss": balance_conventions(counts),
     }
+
+
+def balance_conventions(counts):
+    """The balancing loss of this routing as two code bases write it, so that either's logs can be read beside
+    ours: {"deepspeed": per layer, E * sum_e P_e * (share of first choices) -- MoE-LLaVA's, and ours, 1.0 when
+    even; "hf": Hugging Face transformers' Mixtral formula, E * sum_e P_e * (share of all k choices), pooled over
+    the layers, k when even}. P_e: the expert's mean router probability. None where no probabilities were kept
+    (the vision side)."""
+    tokens = counts.top1_counts.sum((1, 2)).double()  # (L,) every routed token makes one first choice
+    if not counts.prob_sums.any() or not tokens.all():
+        return None
+    E = counts.prob_sums.shape[-1]
+    probs = counts.prob_sums / tokens[:, None]
+    deepspeed = E * (probs * counts.top1_counts.sum(1) / tokens[:, None]).sum(-1)
+    pooled_probs = counts.prob_sums.sum(0) / tokens.sum()
+    pooled_topk = counts.topk_counts.sum((0, 1)) / tokens.sum()
+    return {"deepspeed": deepspeed.tolist(), "hf": float(E * (pooled_probs * pooled_topk).sum())}
 
 
 def write_routing_csv(summary, path):

@@ -328,6 +328,27 @@ def test_routing_counts_sum_to_real_tokens_times_k(pipeline):
                                                                          summary["dropped_fraction"])
 
 
+def test_the_balancing_loss_is_reported_in_deepspeeds_and_hugging_faces_conventions():
+    torch.manual_seed(0)
+    from moe import MoEConfig, MoELayer, SwiGLUExperts, router_logits
+    layers = [MoELayer(MoEConfig(num_experts=4, top_k=2), SwiGLUExperts(4, 16, 32)).eval() for _ in range(2)]
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # padding: routed by neither
+    xs = [torch.randn(3, 7, 16) for _ in layers]
+    stats = [layer(x, mask.bool(), torch.zeros(3, 7, dtype=torch.bool))[1] for layer, x in zip(layers, xs)]
+    counts = E.RoutingCounts.zeros([0, 2], 2, 4, 2.0)
+    E.add_routing(counts, stats, torch.zeros(3, 7, dtype=torch.bool), mask)
+    b = E.balance_conventions(counts)
+    ours = [float(s.balance_loss.detach()) for s in stats]
+    assert b["deepspeed"] == pytest.approx(ours, abs=1e-6)  # our balancing loss, per layer
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral", reason="transformers is a peer")
+    logits = tuple(router_logits(x, layer.router.weight).detach().reshape(-1, 4) for layer, x in zip(layers, xs))
+    assert b["hf"] == pytest.approx(float(mixtral.load_balancing_loss_func(logits, 4, 2, mask)), abs=1e-6)
+    even = E.RoutingCounts.zeros([0], 2, 4, 2.0)  # every expert equally loaded and equally likely
+    even.top1_counts[0, 0], even.topk_counts[0, 0], even.prob_sums[0] = 10, 20, 40 * 0.25
+    assert E.balance_conventions(even) == {"deepspeed": [1.0], "hf": 2.0}
+
+
 def test_the_modality_split_rescales_each_modality_by_its_own_total():
     counts = E.RoutingCounts.zeros([0], top_k=1, num_experts=2, capacity_factor=2.0)
     counts.topk_counts[0] = torch.tensor([[50, 50], [150, 150]])  # 100 text and 300 image tokens, spread alike
