@@ -197,7 +197,10 @@ def run(steps, log_path):
         with open(log_path, "a") as log:
             log.write(f"\n$ {shlex.join(step.command)}\n")
             log.flush()
-            code = subprocess.run(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE).returncode
+            try:
+                code = subprocess.run(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE).returncode
+            except KeyboardInterrupt:  # (the run got the Ctrl-C too, and train.py leaves a checkpoint)
+                raise SystemExit("\nstopped; the same command continues where this sweep stopped") from None
         if code != 0:
             raise SystemExit(f"error: this run failed (exit {code}); its output is at the end of {log_path}:\n"
                              f"  {shlex.join(step.command)}\nfix it and run ablate.py again: it continues here")
@@ -232,6 +235,8 @@ def variant_results(work, seeds, variant):
 
 
 def spread(values, digits=1):
+    if any(v != v for v in values):  # NaN: not measured for this variant (a dense model has no load)
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"

@@ -32,6 +32,7 @@ def test_the_plan_runs_each_shared_stage_once_and_in_order(tmp_path):
 def test_spread_is_mean_and_standard_deviation():
     assert A.spread([50.0]) == "50.0"
     assert A.spread([50.0, 52.0, 54.0]) == "52.0 ± 2.0"
+    assert A.spread([float("nan")]) == "-"
 
 
 def test_unknown_ablation_is_one_sentence(capsys):
