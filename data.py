@@ -67,6 +67,7 @@ class BuiltinConfig:
     seed: int = 0
     n_train: int = 5000  # scenes per split; each scene gives one caption sample and one instruction sample
     extra_train: int = 0  # more training scenes, drawn after test: val, test and the tokenizer stay the same
+    train_negatives: str = "uniform"  # training's "no" existence questions: uniform (any absent kind) or pope
     n_val: int = 250
     n_test: int = 500
     text_only_fraction: float = 0.1  # text-only instruction samples, as a fraction of a split's scenes
@@ -78,6 +79,8 @@ class BuiltinConfig:
         if min(self.n_train, self.n_val, self.n_test) < 1 or self.extra_train < 0 or not 1 <= self.max_objects <= 9:
             raise ValueError("BuiltinConfig: every split needs at least one scene, extra_train cannot be negative, "
                              "and max_objects must be 1..9")
+        if self.train_negatives not in ("uniform", "pope"):
+            raise ValueError(f"BuiltinConfig: train_negatives={self.train_negatives!r} must be uniform or pope")
         if self.bpe_vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"BuiltinConfig: bpe_vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (the bytes)")
 
@@ -163,6 +166,31 @@ def questions(scene, rng):
     qa.append(("existence", f"Is there a {present['colour']} {present['shape']} in the image?", "yes"))
     qa.append(("existence", f"Is there a {c} {s} in the image?", "no"))
     return qa
+
+
+def pope_negative(scene, rng):
+    """An absent kind drawn as POPE draws its hard negatives: half the time one attribute away from an object in
+    the picture (its shape in another colour, or its colour in another shape), otherwise by how common the shape
+    is. Uniform negatives let a model answer "Is there a red square?" from how common red squares are."""
+    present = {(o["colour"], o["shape"]) for o in scene["objects"]}
+    if rng.random() < 0.5:
+        o = rng.choice(scene["objects"])
+        near = [k for k in [(c, o["shape"]) for c in COLOURS] + [(o["colour"], s) for s in SHAPES] if k not in present]
+        if near:
+            return rng.choice(near)
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    return rng.choices(absent, [SHAPE_POPULARITY[SHAPES.index(s)] for _, s in absent])[0]
+
+
+def with_pope_negatives(sample, scene, rng):
+    """The sample with each "no" existence question asking for a pope_negative instead."""
+    conversations = [dict(turn) for turn in sample["conversations"]]
+    for i, kind in enumerate(sample["question_types"]):
+        if kind == "existence" and conversations[2 * i + 1]["value"] == "no":
+            c, s = pope_negative(scene, rng)
+            lead = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
+            conversations[2 * i]["value"] = f"{lead}Is there a {c} {s} in the image?"
+    return {**sample, "conversations": conversations}
 
 
 def instruction_sample(scene, rng, sample_id, image):
@@ -273,6 +301,10 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
         if split == "train" and first == 0:  # the BPE learns from the texts exactly as the templates render them
             corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
             corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
+        if split == "train" and config.train_negatives == "pope":  # (its own random stream: all else stays)
+            by_id = {s["id"]: s for s in scenes}
+            instruct = [with_pope_negatives(s, by_id[s["id"]], random.Random(f"{config.seed}-{s['id']}"))
+                        if s["id"] in by_id else s for s in instruct]
         for name, samples in (("captions", captions), ("instruct", instruct), ("scenes", scenes)):
             files.setdefault(f"{name}_{split}.json", []).extend(samples)
     bar.close()

@@ -81,6 +81,34 @@ def test_extra_training_scenes_leave_validation_test_and_tokenizer_as_they_were(
     assert len(texts) == len({s["id"] for s in texts}) == round(SMALL.n_train * 0.1) + 3
 
 
+def test_pope_negatives_are_absent_often_one_attribute_away_and_change_nothing_else(builtin, tmp_path):
+    pope = dataclasses.replace(SMALL, n_train=400, train_negatives="pope")
+    uniform = dataclasses.replace(pope, train_negatives="uniform")
+    for name, config in (("pope", pope), ("uniform", uniform)):
+        D.generate_builtin(str(tmp_path / name), config, progress=False)
+    same = ["instruct_val.json", "instruct_test.json", "scenes_train.json", "captions_train.json",
+            D.BUILTIN_TOKENIZER_FILE]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "pope", tmp_path / "uniform", same, shallow=False)
+    assert match == same, (mismatch, errors)
+    scenes = {s["id"]: s for s in D.read_json(str(tmp_path / "pope" / "scenes_train.json"))}
+    changed, near, n = 0, 0, 0
+    pairs = zip(D.read_json(str(tmp_path / "pope" / "instruct_train.json")),
+                D.read_json(str(tmp_path / "uniform" / "instruct_train.json")))
+    for mine, theirs in pairs:
+        assert mine["id"] == theirs["id"] and len(mine["conversations"]) == len(theirs["conversations"])
+        for i, (q, a) in enumerate(zip(mine["conversations"][::2], mine["conversations"][1::2])):
+            if mine["question_types"][i] != "existence" or a["value"] != "no":
+                assert q == theirs["conversations"][2 * i]  # only the "no" questions change
+                continue
+            colour, shape = re.fullmatch(r"(?:<image>\n)?Is there a (\w+) (\w+) in the image\?", q["value"]).groups()
+            objects = scenes[mine["id"]]["objects"]
+            assert (colour, shape) not in {(o["colour"], o["shape"]) for o in objects}
+            near += any(o["colour"] == colour or o["shape"] == shape for o in objects)
+            changed += q != theirs["conversations"][2 * i]
+            n += 1
+    assert n > 30 and changed > n / 2 and near > 0.6 * n  # uniform negatives share an attribute less often
+
+
 def test_builtin_files_are_llava_format(builtin):
     for name in ("captions_train.json", "instruct_train.json"):
         samples = D.read_json(os.path.join(builtin, name))
