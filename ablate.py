@@ -261,7 +261,7 @@ def load_plot(ablation, work, seed, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from eval import training_routing  # (eval.py imports torch: only when a plot is drawn)
+    from eval import layer_label, training_routing  # (eval.py imports torch: only when a plot is drawn)
     fig, axes = plt.subplots(1, len(ablation.variants), figsize=(3.2 * len(ablation.variants), 2.8), sharey=True,
                              squeeze=False)
     for ax, (label, variant) in zip(axes[0], ablation.variants.items()):
@@ -275,7 +275,7 @@ def load_plot(ablation, work, seed, path):
                 if sum(load):
                     by_layer.setdefault(layer["layer"], []).append((step, max(load) / (sum(load) / len(load))))
         for name, points in by_layer.items():
-            ax.plot(*zip(*points), label=str(name))
+            ax.plot(*zip(*points), label=layer_label(name))
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("stage III step")
         if by_layer:
@@ -286,15 +286,28 @@ def load_plot(ablation, work, seed, path):
     plt.close(fig)
 
 
+def logged_minutes(steps):
+    """The training and evaluation time the runs behind a table logged (meta.json's elapsed_s, metrics.json's
+    seconds), however many sweeps they took: what the table cost, shared runs included."""
+    seconds = 0.0
+    for step in steps:
+        m = read_json(step.done_file)
+        seconds += m["elapsed_s"] if step.done_file.endswith("meta.json") else m["seconds"]["total"]
+    return seconds / 60
+
+
 def write_report(name, ablation, work, seeds, docs, command, minutes):
+    import torch  # (for its version; loaded by the plot already)
     os.makedirs(docs, exist_ok=True)
     plot = f"{name}_load.png"
     load_plot(ablation, work, seeds[0], os.path.join(docs, plot))
     text = [f"# Ablation: {name}", "", f"**The question.** {ablation.question}", "",
             f"**What the papers say.** {ablation.paper}", "",
             f"**Measured** by `{command}`, {time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, "
-            f"Python {platform.python_version()}; seeds {', '.join(map(str, seeds))} (mean ± standard deviation); "
-            f"this sweep's runs took {minutes:.0f} min (runs shared with other ablations are counted where they ran). "
+            f"Python {platform.python_version()}, torch {torch.__version__}; seeds {', '.join(map(str, seeds))} "
+            "(mean ± standard deviation); "
+            f"its runs logged {minutes:.0f} min of training and evaluation (the stages it shares with other "
+            "ablations included). "
             "Test split of the built-in data set; POPE F1 is the mean over its three splits; the load column is the "
             "highest max/mean expert load of any MoE layer at evaluation (1.0 is even).", "",
             table(ablation, work, seeds), "", f"![expert load over stage III]({plot})", ""]
@@ -340,9 +353,12 @@ def main(argv=None, ablations=ABLATIONS):
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
     run(steps, os.path.join(work, "sweep.log"))
-    command = shlex.join(["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"the sweep took {(time.time() - t0) / 60:.0f} min")
     for name, ablation in chosen.items():
-        print(f"wrote {write_report(name, ablation, work, seeds, args.docs, command, (time.time() - t0) / 60)}")
+        command = shlex.join(["python", "ablate.py", name, f"--seeds={args.seeds}"] +
+                             [f"--{k}={getattr(args, k)}" for k in ("train_args", "eval_args") if getattr(args, k)])
+        minutes = logged_minutes(plan([ablation], seeds, work, [], []))
+        print(f"wrote {write_report(name, ablation, work, seeds, args.docs, command, minutes)}")
 
 
 if __name__ == "__main__":
