@@ -146,13 +146,13 @@ def image_loader(images, paths, size, resize="stretch"):
 
 
 def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=True, desc="answers",
-                     rt=P.Runtime(), images="real"):
+                     rt=P.Runtime(), images="real", dropless=True):
     """Greedy answers to Questions, in their order; None for a question whose image cannot be read.
 
     Prompts are sorted by length so a batch holds similar lengths (little left padding), then answered
     batch_size at a time by VLM.generate, which decodes with the KV cache and routes dropless. Under torchrun
     each rank answers every world-th batch, and all answers are gathered on every rank. images: real, or a
-    blind control (image_loader).
+    blind control (image_loader). dropless=False: the MoE layers keep their evaluation capacity (LLM.generate).
     """
     answers = [None] * len(questions)
     size, resize = vlm.config.vision.image_size, vlm.config.vision.image_resize
@@ -181,7 +181,7 @@ def generate_answers(vlm, tokenizer, questions, device, batch_size, progress=Tru
         images = torch.stack(pixels).to(device) if pixels else None
         with autocast(device):
             out = vlm.generate(ids.to(device), images, mask.to(device), eos_id=tokenizer.eos_id,
-                               max_new_tokens=questions[kept[0]].max_new_tokens)
+                               max_new_tokens=questions[kept[0]].max_new_tokens, dropless=dropless)
         for i, row in zip(kept, out.tolist()):
             answers[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
     if rt.distributed:  # each question was asked by exactly one rank

@@ -394,7 +394,7 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, max_new_tokens=32,
-                 temperature=0.0, top_k=None, eos_id=None, use_cache=True, generator=None):
+                 temperature=0.0, top_k=None, eos_id=None, use_cache=True, generator=None, dropless=True):
         """Continue a batch of prompts; returns the new tokens (B, n <= max_new_tokens).
 
         Prompts of different lengths are left-padded, with attention_mask marking the real tokens. With the KV
@@ -405,6 +405,8 @@ class LLM(nn.Module):
         MoE layers route dropless here. An expert's capacity is a share of the tokens in one forward call, and
         the prefill, each cached step and each uncached step see different numbers of tokens -- with a capacity,
         they would drop different assignments, and an answer would depend on the rest of its batch.
+        dropless=False keeps the evaluation capacity (as DeepSpeed's MoE does at inference), to show just that
+        (ablate.py's capacity ablation).
         """
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T0, C)
         B, T0, _ = x.shape
@@ -416,7 +418,7 @@ class LLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=x.device)
         new_tokens = [torch.zeros(B, 0, dtype=torch.long, device=x.device)]  # so max_new_tokens=0 gives (B, 0)
         for _ in range(max_new_tokens):
-            logits = self(inputs_embeds=x, attention_mask=mask, cache=cache, dropless=True).logits[:, -1]  # (B, vocab)
+            logits = self(inputs_embeds=x, attention_mask=mask, cache=cache, dropless=dropless).logits[:, -1]  # (B, V)
             token = sample_next(logits, temperature, top_k, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
@@ -633,11 +635,11 @@ class VLM(nn.Module):
         self.config = replace(self.config, llm=self.llm.config)
 
     @torch.no_grad()
-    def generate(self, input_ids, images=None, attention_mask=None, **kwargs):
+    def generate(self, input_ids, images=None, attention_mask=None, dropless=True, **kwargs):
         """Answer a batch of (left-padded) prompts with images; kwargs as LLM.generate. Every MoE layer routes
-        dropless, the vision side's too (see LLM.generate)."""
-        embeds, _, _ = self.embed(input_ids, images, dropless=True)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        dropless, the vision side's too (see LLM.generate), unless dropless=False."""
+        embeds, _, _ = self.embed(input_ids, images, dropless=dropless)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, dropless=dropless, **kwargs)
 
 
 def autocast(device):

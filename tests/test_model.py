@@ -12,13 +12,13 @@ from vision import ViTConfig
 VOCAB = 97
 
 
-def dropping_llm(seed=0):
+def dropping_llm(seed=0, expert_std=0.2):
     """An MoE LLM (8 experts, top-1) with so little evaluation capacity (C = ceil(0.5 * S / 8)) that it drops."""
     model = llm(seed, moe_layers="dense",
                 moe=MoEConfig(num_experts=8, top_k=1, eval_capacity_factor=0.5, min_capacity=0))
     with torch.no_grad():
         for block in model.blocks:
-            block.ffn.experts.down_proj.normal_(std=0.2)  # experts that matter
+            block.ffn.experts.down_proj.normal_(std=expert_std)  # experts that matter
     return model
 
 
@@ -133,6 +133,21 @@ def test_generation_is_exact_even_for_a_model_whose_eval_capacity_drops():
         assert torch.equal(*sampled)  # sampling is sensitive to any change of the logits
         greedy = model.generate(ids, max_new_tokens=10)  # an answer does not depend on the rest of its batch
         assert torch.equal(greedy[1:], model.generate(ids[1:], max_new_tokens=10))
+
+
+def test_generation_that_keeps_the_capacity_answers_differently_beside_other_prompts():
+    """dropless=False (DeepSpeed's inference): the same prompt, alone or beside others, loses different
+    assignments to the capacity, so its logits -- and here its answer -- change with the rest of its batch."""
+    changed = 0
+    for seed in range(4):
+        model = dropping_llm(seed, expert_std=1.0)  # experts that decide the answer
+        ids = torch.randint(0, VOCAB, (4, 15))
+        alone = model.generate(ids[:1], max_new_tokens=10, dropless=False)
+        beside = model.generate(ids, max_new_tokens=10, dropless=False)[:1]
+        changed += not torch.equal(alone, beside)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=10),  # dropless: the same either way
+                           model.generate(ids, max_new_tokens=10)[:1])
+    assert changed >= 2
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
