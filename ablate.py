@@ -80,7 +80,7 @@ ABLATIONS = {
         paper="MoE-LLaVA (Table 5d; VQAv2 / GQA): first half 75.9 / 61.3, second half 76.3 / 61.2, every other "
               "layer 76.2 / 61.5, all layers 74.5 / 61.5 at 1.6 x the training time; it uses every other layer.",
         variants={"sparse (MoE-LLaVA)": DEFAULT,
-                  "dense": Variant(("--moe_layers=dense",)),
+                  "every layer (MoE-LLaVA's 'dense')": Variant(("--moe_layers=dense",)),
                   "first half": Variant(("--moe_layers=first_half",)),
                   "second half": Variant(("--moe_layers=second_half",))}),
     "experts": Ablation(
