@@ -158,7 +158,7 @@ class EchoLengthVLM:
         self.config = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=8, image_resize="stretch"))
         self.calls = []
 
-    def generate(self, ids, images, mask, eos_id, max_new_tokens):
+    def generate(self, ids, images, mask, eos_id, max_new_tokens, dropless=True):
         self.calls.append(max_new_tokens)
         rows = [self.tokenizer.encode(str(int(m.sum()))) for m in mask]
         out = torch.full((len(rows), max_new_tokens), eos_id)
