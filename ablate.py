@@ -117,8 +117,8 @@ ABLATIONS = {
         variants={"cf 1.5 (MoE-LLaVA)": DEFAULT,
                   "cf 1.0": Variant(("--moe.capacity_factor=1.0",)),
                   "dropless": Variant(("--moe.drop_tokens=false",))},
-        extra=Extra("capacity_at_evaluation", lambda ckpt, seed: capacity_at_evaluation(ckpt, seed),
-                    lambda measured: capacity_report(measured))),
+        extra=Extra("capacity_at_evaluation",  # (lambdas: the two functions are defined further down)
+                    lambda ckpt, seed: capacity_at_evaluation(ckpt, seed), lambda measured: capacity_report(measured))),
     "systems": Ablation(
         question="Where should the experts go: the LLM, the ViT and projector, or LoRA experts on a frozen LLM?",
         paper="MoE-LLaVA: experts in the LLM. CuMo (arXiv 2405.05949, Table 3): upcycled projector experts beat "
