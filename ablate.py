@@ -102,7 +102,7 @@ ABLATIONS = {
               "2412.19437, Table 5): the bias instead of the loss, better on most of its benchmarks.",
         variants={"aux 0.01 (MoE-LLaVA)": DEFAULT,
                   "no balancing": Variant(("--moe.aux_loss_coef=0",)),
-                  # at stage III's learning rate the routers hardly move: does stage II's let them collapse? (measured: no)
+                  # at stage III's lr the routers hardly move: does stage II's let them collapse? (measured: no)
                   "no balancing, stage II's lr 1e-3": Variant(("--moe.aux_loss_coef=0", "--stage3_lr=1e-3")),
                   "aux 0.01, stage II's lr 1e-3": Variant(("--stage3_lr=1e-3",)),
                   "aux 0.1 (CuMo)": Variant(("--moe.aux_loss_coef=0.1",)),
