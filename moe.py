@@ -62,6 +62,7 @@ class MoEConfig:
     dispatch: str = "sorted"  # "loop": the readable reference; "sorted": sort + grouped matmul; "cuda"/"auto": kernels/
     shared_expert: bool = False  # one more expert that every token goes through, beside the k routed (DeepSeekMoE)
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3: 0.001), see BalanceBias
+    upcycle_noise: float = 0.0  # > 0: upcycled experts start as perturbed copies (an ablation), see MoELayer.upcycle
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
@@ -74,6 +75,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: aux_over_layers={self.aux_over_layers!r} must be sum, mean or pooled")
         if self.bias_update_rate < 0:
             raise ValueError(f"MoEConfig: bias_update_rate={self.bias_update_rate} must be >= 0")
+        if self.upcycle_noise < 0:
+            raise ValueError(f"MoEConfig: upcycle_noise={self.upcycle_noise} must be >= 0")
 
 
 def moe_layer_indices(moe_layers, n_layer):
@@ -803,6 +806,12 @@ class MoELayer(nn.Module):
         Sparse upcycling (Komatsuzaki et al. 2022), MoE-LLaVA stage III. With renormalised gates and nothing
         dropped, each token's output is sum_i w_i * FFN(x) with sum_i w_i = 1, i.e. exactly the dense FFN's:
         training starts from the dense model, and only the router and the experts' divergence are new.
+
+        config.upcycle_noise > 0 (an ablation, not MoE-LLaVA's recipe) adds to every expert weight Gaussian noise
+        of that many times its matrix's standard deviation, independently per expert. Exact copies give the router
+        no reason to prefer one expert: their outputs are equal, so renormalised top-k gates make the loss flat in
+        the router at the start. Perturbed copies differ from step 0, which lets a router without a balancing loss
+        start to favour the experts it already picks (the rich-get-richer loop behind a router collapse).
         """
         layer = cls(config, expert_form.upcycle(dense_ffn, config.num_experts))
         if layer.shared is not None:  # shared + routed would be twice the FFN: each copy's output is halved
@@ -810,4 +819,8 @@ class MoELayer(nn.Module):
                 layer.shared.load_state_dict(one_expert_like(layer.experts).state_dict())
                 for half in (layer.shared, layer.experts):
                     half.scale_output_(0.5)
+        if config.upcycle_noise > 0:
+            with torch.no_grad():
+                for w in layer.experts.parameters():  # (E, ...) stacked: each expert's slice gets its own noise
+                    w.add_(torch.randn_like(w) * config.upcycle_noise * w[0].std())
         return layer

@@ -344,6 +344,29 @@ def test_upcycled_experts_are_copies_and_router_is_fresh():
     assert not torch.equal(moe.experts.up_proj[0], dense.up_proj.weight)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_upcycle_noise_makes_experts_differ_by_about_that_much(shared):
+    """--moe.upcycle_noise (the balancing ablation's perturbed copies): each expert its own noise, of about the
+    asked size relative to the dense weight; a shared expert stays the exact (halved) copy; 0 is exact copies."""
+    torch.manual_seed(0)
+    dense = SwiGLUMLP(LLMConfig(dim=DIM, n_head=2, ffn_dim=HIDDEN))
+    moe = MoELayer.upcycle(dense, MoEConfig(upcycle_noise=0.1, shared_expert=shared), SwiGLUExperts)
+    scale = 0.5 if shared else 1.0
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w, ref = getattr(moe.experts, name), getattr(dense, name).weight * (scale if name == "down_proj" else 1)
+        for e in range(4):
+            relative = (w[e] - ref).std() / ref.std()
+            assert 0.08 < relative < 0.12, (name, e, relative)
+            for other in range(e):
+                assert not torch.allclose(w[e], w[other])
+    if shared:
+        assert torch.equal(moe.shared.down_proj[0], dense.down_proj.weight * 0.5)
+    x = torch.randn(2, 9, DIM)
+    assert not torch.allclose(moe(x)[0], dense(x), atol=1e-6)  # no longer exactly the dense FFN
+    with pytest.raises(ValueError, match="upcycle_noise"):
+        MoEConfig(upcycle_noise=-1)
+
+
 def test_upcycled_moe_with_eval_capacity_never_drops_at_moe_llava_settings():
     # E=4, k=2, eval cf=2.0 gives C >= S: no expert can overflow, so eval of an upcycled layer is exact.
     dense = SwiGLUMLP(LLMConfig(dim=DIM, n_head=2, ffn_dim=HIDDEN))
