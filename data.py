@@ -68,6 +68,7 @@ class BuiltinConfig:
     n_train: int = 5000  # scenes per split; each scene gives one caption sample and one instruction sample
     extra_train: int = 0  # more training scenes, drawn after test: val, test and the tokenizer stay the same
     train_negatives: str = "uniform"  # training's "no" existence questions: uniform (any absent kind) or pope
+    train_questions: int = 0  # questions per training conversation: 0 draws 1-3 (as val, test); N asks up to N
     n_val: int = 250
     n_test: int = 500
     text_only_fraction: float = 0.1  # text-only instruction samples, as a fraction of a split's scenes
@@ -76,9 +77,10 @@ class BuiltinConfig:
     bpe_vocab_size: int = 1024  # at most; learning stops when no pair of tokens repeats
 
     def __post_init__(self):
-        if min(self.n_train, self.n_val, self.n_test) < 1 or self.extra_train < 0 or not 1 <= self.max_objects <= 9:
-            raise ValueError("BuiltinConfig: every split needs at least one scene, extra_train cannot be negative, "
-                             "and max_objects must be 1..9")
+        if min(self.n_train, self.n_val, self.n_test) < 1 or min(self.extra_train, self.train_questions) < 0 or \
+                not 1 <= self.max_objects <= 9:
+            raise ValueError("BuiltinConfig: every split needs at least one scene, extra_train and train_questions "
+                             "cannot be negative, and max_objects must be 1..9")
         if self.train_negatives not in ("uniform", "pope"):
             raise ValueError(f"BuiltinConfig: train_negatives={self.train_negatives!r} must be uniform or pope")
         if self.bpe_vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -193,9 +195,11 @@ def with_pope_negatives(sample, scene, rng):
     return {**sample, "conversations": conversations}
 
 
-def instruction_sample(scene, rng, sample_id, image):
-    """A 1-3 turn conversation about the scene; `<image>` leads the first question, as in LLaVA-665K."""
-    qa = rng.sample(questions(scene, rng), rng.randint(1, 3))
+def instruction_sample(scene, rng, sample_id, image, n_questions=0):
+    """A 1-3 turn conversation about the scene (n_questions > 0: up to that many turns); `<image>` leads the first
+    question, as in LLaVA-665K."""
+    qa = questions(scene, rng)
+    qa = rng.sample(qa, min(n_questions, len(qa)) if n_questions else rng.randint(1, 3))
     conversations = []
     for i, (_, q, a) in enumerate(qa):
         conversations.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
@@ -301,8 +305,12 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
         if split == "train" and first == 0:  # the BPE learns from the texts exactly as the templates render them
             corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
             corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
-        if split == "train" and config.train_negatives == "pope":  # (its own random stream: all else stays)
-            by_id = {s["id"]: s for s in scenes}
+        by_id = {s["id"]: s for s in scenes}
+        if split == "train" and config.train_questions:  # (each from its own random stream: all else stays)
+            instruct = [instruction_sample(by_id[s["id"]], random.Random(f"{config.seed}-questions-{s['id']}"),
+                                           s["id"], s["image"], config.train_questions)
+                        if s["id"] in by_id else s for s in instruct]
+        if split == "train" and config.train_negatives == "pope":
             instruct = [with_pope_negatives(s, by_id[s["id"]], random.Random(f"{config.seed}-{s['id']}"))
                         if s["id"] in by_id else s for s in instruct]
         for name, samples in (("captions", captions), ("instruct", instruct), ("scenes", scenes)):

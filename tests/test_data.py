@@ -3,6 +3,7 @@ import dataclasses
 import filecmp
 import json
 import os
+import random
 import re
 import shutil
 
@@ -79,6 +80,45 @@ def test_extra_training_scenes_leave_validation_test_and_tokenizer_as_they_were(
         D.scene_signature(s) for s in scenes}
     texts = [s for s in D.read_json(str(tmp_path / "more" / "instruct_train.json")) if "image" not in s]
     assert len(texts) == len({s["id"] for s in texts}) == round(SMALL.n_train * 0.1) + 3
+
+
+def test_train_questions_asks_up_to_n_true_questions_and_changes_nothing_else(builtin, tmp_path):
+    many = dataclasses.replace(SMALL, n_train=200, train_questions=6)
+    D.generate_builtin(str(tmp_path / "many"), many, progress=False)
+    D.generate_builtin(str(tmp_path / "default"), dataclasses.replace(many, train_questions=0), progress=False)
+    same = ["instruct_val.json", "instruct_test.json", "scenes_train.json", "captions_train.json",
+            D.BUILTIN_TOKENIZER_FILE]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "many", tmp_path / "default", same, shallow=False)
+    assert match == same, (mismatch, errors)
+    scenes = {s["id"]: s for s in D.read_json(str(tmp_path / "many" / "scenes_train.json"))}
+    mine = D.read_json(str(tmp_path / "many" / "instruct_train.json"))
+    theirs = D.read_json(str(tmp_path / "default" / "instruct_train.json"))
+    assert [s["id"] for s in mine] == [s["id"] for s in theirs]  # the same samples in the same order
+    turns = []
+    for sample, default in zip(mine, theirs):
+        if sample["id"] not in scenes:
+            assert sample == default  # text-only samples stay
+            continue
+        scene, conv = scenes[sample["id"]], sample["conversations"]
+        assert conv[0]["value"].startswith(D.IMAGE_PLACEHOLDER + "\n") and not any(
+            D.IMAGE_PLACEHOLDER in t["value"] for t in conv[1:])
+        asked = [(q["value"].removeprefix(D.IMAGE_PLACEHOLDER + "\n"), a["value"])
+                 for q, a in zip(conv[::2], conv[1::2])]
+        assert len(set(asked)) == len(asked)
+        kinds = {(o["colour"], o["shape"]) for o in scene["objects"]}
+        fixed = {(q, a) for t, q, a in D.questions(scene, random.Random(0)) if t not in ("existence", "description")}
+        for q, a in asked:  # every turn is true of the scene
+            if m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", q):
+                assert a == ("yes" if m.groups() in kinds else "no")
+            elif shape := {f"How many {D.plural(s)} are there?": s for s in D.SHAPES}.get(q):
+                assert a == str(sum(o["shape"] == shape for o in scene["objects"])), (q, a)
+            elif q in D.CAPTION_PROMPTS:
+                assert a == D.caption(scene)
+            else:
+                assert (q, a) in fixed, (q, a)
+        turns.append(len(asked))
+    assert max(turns) == 6 and min(turns) >= 4 and sum(turns) / len(turns) > 5  # default: 1-3
+    assert max(len(s["conversations"]) // 2 for s in theirs) == 3
 
 
 def test_pope_negatives_are_absent_often_one_attribute_away_and_change_nothing_else(builtin, tmp_path):
