@@ -349,11 +349,11 @@ def test_cumo_stage3_co_upcycles_the_vision_side_and_logs_each_loss(pipeline, tm
 def test_the_long_preset_is_the_tiny_model_on_more_scenes_and_questions_in_its_own_data_folder():
     _, config, nested = train.parse_args(["--stage", "all", "--preset=long"])
     assert config.data_dir != train.TrainConfig().data_dir
-    assert nested["data"] == {"extra_train": 20000, "train_questions": 6}
+    assert nested["data"] == {"extra_train": 20000, "train_questions": 12}
     assert config.stage2_iters > train.TrainConfig().stage2_iters
     assert train.PRESETS[train.PRESET_MODEL[config.preset]] == PRESETS["tiny"]
     _, _, nested = train.parse_args(["--stage", "all", "--preset=long", "--data.extra_train=5"])
-    assert nested["data"] == {"extra_train": 5, "train_questions": 6}  # the command line wins
+    assert nested["data"] == {"extra_train": 5, "train_questions": 12}  # the command line wins
 
 
 def test_moe_from_stage_2_upcycles_there_and_stage_3_goes_on_with_those_experts(pipeline, tmp_path):
