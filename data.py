@@ -69,6 +69,7 @@ class BuiltinConfig:
     extra_train: int = 0  # more training scenes, drawn after test: val, test and the tokenizer stay the same
     train_negatives: str = "uniform"  # training's "no" existence questions: uniform (any absent kind) or pope
     train_questions: int = 0  # questions per training conversation: 0 draws 1-3 (as val, test); N asks up to N
+    train_giveaways: bool = True  # False: no training turn asks what an earlier turn of its conversation has said
     n_val: int = 250
     n_test: int = 500
     text_only_fraction: float = 0.1  # text-only instruction samples, as a fraction of a split's scenes
@@ -144,30 +145,51 @@ def caption(scene):
     return text[0].upper() + text[1:] + f", on a {scene['background']} background."
 
 
-def questions(scene, rng):
-    """Every question this scene can answer unambiguously, as (type, question, answer)."""
+def questions(scene, rng, about=False):
+    """Every question this scene can answer unambiguously, as (type, question, answer); about=True adds a fourth
+    item, the index of the object the question names (None: counts, descriptions, absent kinds)."""
     objs = scene["objects"]
     shape_n = collections.Counter(o["shape"] for o in objs)
     colour_n = collections.Counter(o["colour"] for o in objs)
     kind_n = collections.Counter((o["colour"], o["shape"]) for o in objs)
-    qa = [("count", "How many objects are there?", str(len(objs))),
-          ("description", rng.choice(CAPTION_PROMPTS), caption(scene))]
+    qa = [("count", "How many objects are there?", str(len(objs)), None),
+          ("description", rng.choice(CAPTION_PROMPTS), caption(scene), None)]
     shape = rng.choice(SHAPES)
-    qa.append(("count", f"How many {plural(shape)} are there?", str(shape_n[shape])))
-    for o in objs:
+    qa.append(("count", f"How many {plural(shape)} are there?", str(shape_n[shape]), None))
+    for i, o in enumerate(objs):
         if shape_n[o["shape"]] == 1:
-            qa.append(("colour", f"What colour is the {o['shape']}?", o["colour"]))
-            qa.append(("size", f"Is the {o['shape']} large or small?", o["size"]))
+            qa.append(("colour", f"What colour is the {o['shape']}?", o["colour"], i))
+            qa.append(("size", f"Is the {o['shape']} large or small?", o["size"], i))
         if colour_n[o["colour"]] == 1:
-            qa.append(("shape", f"What shape is the {o['colour']} object?", o["shape"]))
+            qa.append(("shape", f"What shape is the {o['colour']} object?", o["shape"], i))
         if kind_n[(o["colour"], o["shape"])] == 1:
-            qa.append(("position", f"Where is the {o['colour']} {o['shape']}?", o["position"]))
+            qa.append(("position", f"Where is the {o['colour']} {o['shape']}?", o["position"], i))
     present = rng.choice(objs)
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in kind_n]
     c, s = rng.choice(absent)
-    qa.append(("existence", f"Is there a {present['colour']} {present['shape']} in the image?", "yes"))
-    qa.append(("existence", f"Is there a {c} {s} in the image?", "no"))
-    return qa
+    qa.append(("existence", f"Is there a {present['colour']} {present['shape']} in the image?", "yes",
+               objs.index(present)))
+    qa.append(("existence", f"Is there a {c} {s} in the image?", "no", None))
+    return qa if about else [q[:3] for q in qa]
+
+
+def without_giveaways(qa):
+    """The turns of questions(..., about=True) in their order, the description moved last, less every turn whose
+    answer an earlier one has said: once a turn has put an object's colour and shape side by side ("What colour
+    is the square?" "red", "Where is the red square?", "Is there a red square?" "yes"), no later turn asks for
+    that object's colour or shape or whether it is there. With many questions per conversation, 70 % of the
+    colour and shape questions could otherwise be answered from the text above them."""
+    qa = [q for q in qa if q[0] != "description"] + [q for q in qa if q[0] == "description"]
+    named, kept = set(), []
+    for kind, question, answer, obj in qa:
+        if kind in ("colour", "shape") or (kind == "existence" and obj is not None):
+            if obj in named:
+                continue
+            named.add(obj)
+        elif kind == "position":
+            named.add(obj)
+        kept.append((kind, question, answer))
+    return kept
 
 
 def pope_negative(scene, rng):
@@ -195,11 +217,16 @@ def with_pope_negatives(sample, scene, rng):
     return {**sample, "conversations": conversations}
 
 
-def instruction_sample(scene, rng, sample_id, image, n_questions=0):
+def instruction_sample(scene, rng, sample_id, image, n_questions=0, giveaways=True):
     """A 1-3 turn conversation about the scene (n_questions > 0: up to that many turns); `<image>` leads the first
-    question, as in LLaVA-665K."""
-    qa = questions(scene, rng)
-    qa = rng.sample(qa, min(n_questions, len(qa)) if n_questions else rng.randint(1, 3))
+    question, as in LLaVA-665K. giveaways=False: no turn asks what an earlier one has said (without_giveaways)."""
+    if giveaways:
+        qa = questions(scene, rng)
+        qa = rng.sample(qa, min(n_questions, len(qa)) if n_questions else rng.randint(1, 3))
+    else:
+        qa = questions(scene, rng, about=True)
+        rng.shuffle(qa)
+        qa = without_giveaways(qa)[:n_questions or rng.randint(1, 3)]
     conversations = []
     for i, (_, q, a) in enumerate(qa):
         conversations.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
@@ -306,9 +333,10 @@ def generate_builtin(data_dir, config=BuiltinConfig(), progress=True):
             corpus = [text for s in captions for text, _ in render(s["conversations"], "plain")]
             corpus += [text for s in instruct for text, _ in render(s["conversations"], "chat")]
         by_id = {s["id"]: s for s in scenes}
-        if split == "train" and config.train_questions:  # (each from its own random stream: all else stays)
-            instruct = [instruction_sample(by_id[s["id"]], random.Random(f"{config.seed}-questions-{s['id']}"),
-                                           s["id"], s["image"], config.train_questions)
+        if split == "train" and (config.train_questions or not config.train_giveaways):
+            stream = "questions" if config.train_giveaways else "noleak"  # (each its own stream: all else stays)
+            instruct = [instruction_sample(by_id[s["id"]], random.Random(f"{config.seed}-{stream}-{s['id']}"),
+                                           s["id"], s["image"], config.train_questions, config.train_giveaways)
                         if s["id"] in by_id else s for s in instruct]
         if split == "train" and config.train_negatives == "pope":
             instruct = [with_pope_negatives(s, by_id[s["id"]], random.Random(f"{config.seed}-{s['id']}"))

@@ -121,6 +121,44 @@ def test_train_questions_asks_up_to_n_true_questions_and_changes_nothing_else(bu
     assert max(len(s["conversations"]) // 2 for s in theirs) == 3
 
 
+def given_away(scene, sample):
+    """Turns (by index) that ask an object's colour or shape, or whether it is there, after an earlier turn has put
+    that object's colour and shape side by side in its question and answer."""
+    conv, found = sample["conversations"], []
+    turns = [(q["value"] + " " + a["value"]).replace("?", " ").split() for q, a in zip(conv[::2], conv[1::2])]
+    for i, (kind, words) in enumerate(zip(sample["question_types"], turns)):
+        if kind in ("colour", "shape") or (kind == "existence" and words[-1] == "yes"):
+            named = [o for o in scene["objects"] if o["shape"] in words and (kind == "colour" or o["colour"] in words)]
+            if any(o["colour"] in w and o["shape"] in w for o in named for w in turns[:i]):
+                found.append(i)
+    return found
+
+
+def test_without_giveaways_no_turn_asks_what_an_earlier_turn_said(tmp_path):
+    rng = random.Random(0)
+    scenes = [D.make_scene(rng) for _ in range(300)]
+    plain = [D.instruction_sample(sc, random.Random(i), str(i), "x.png", 12) for i, sc in enumerate(scenes)]
+    hidden = [D.instruction_sample(sc, random.Random(i), str(i), "x.png", 12, giveaways=False)
+              for i, sc in enumerate(scenes)]
+    assert sum(len(given_away(sc, s)) for sc, s in zip(scenes, plain)) > 300  # the check finds them where they are
+    for i, (sc, s) in enumerate(zip(scenes, hidden)):
+        assert given_away(sc, s) == []
+        kinds, conv = s["question_types"], s["conversations"]
+        assert 1 <= len(kinds) <= 12 and "description" not in kinds[:-1]  # the description comes last
+        asked = {(q["value"].removeprefix(D.IMAGE_PLACEHOLDER + "\n"), a["value"])
+                 for q, a in zip(conv[::2], conv[1::2])}
+        assert asked <= {(q, a) for _, q, a in D.questions(sc, random.Random(i))}  # the scene's own questions
+    assert sum(len(s["question_types"]) for s in hidden) / len(hidden) > 8
+    # only the training conversations change
+    config = dataclasses.replace(SMALL, train_questions=12)
+    D.generate_builtin(str(tmp_path / "plain"), config, progress=False)
+    D.generate_builtin(str(tmp_path / "hidden"), dataclasses.replace(config, train_giveaways=False), progress=False)
+    same = ["instruct_val.json", "instruct_test.json", "scenes_train.json", "captions_train.json",
+            D.BUILTIN_TOKENIZER_FILE]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "plain", tmp_path / "hidden", same, shallow=False)
+    assert match == same, (mismatch, errors)
+
+
 def test_pope_negatives_are_absent_often_one_attribute_away_and_change_nothing_else(builtin, tmp_path):
     pope = dataclasses.replace(SMALL, n_train=400, train_negatives="pope")
     uniform = dataclasses.replace(pope, train_negatives="uniform")
