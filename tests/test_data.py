@@ -246,6 +246,15 @@ def test_ensure_builtin_regenerates_only_for_a_different_config(builtin, tmp_pat
     D.ensure_builtin(str(copy), D.BuiltinConfig(n_train=20, n_val=12, n_test=12), progress=False)
     assert len(D.read_json(str(copy / "scenes_train.json"))) == 20
     assert json.loads((copy / "builtin.json").read_text())["n_train"] == 20
+    older = json.loads((copy / "builtin.json").read_text())  # a set drawn before an option existed is kept
+    del older["train_giveaways"]
+    (copy / "builtin.json").write_text(json.dumps(older))
+    before = os.path.getmtime(copy / "scenes_train.json")
+    D.ensure_builtin(str(copy), D.BuiltinConfig(n_train=20, n_val=12, n_test=12), progress=False)
+    assert os.path.getmtime(copy / "scenes_train.json") == before
+    D.ensure_builtin(str(copy), D.BuiltinConfig(n_train=20, n_val=12, n_test=12, train_giveaways=False),
+                     progress=False)
+    assert json.loads((copy / "builtin.json").read_text())["train_giveaways"] is False
 
 
 # --- tokenizer
