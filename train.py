@@ -150,10 +150,10 @@ TRAIN_PRESETS = {
     "tiny": TrainConfig(),
     # the tiny model trained longer on 5 x the training scenes, each asked up to 12 questions in one conversation
     # (PRESET_DATA; cut at the 256-token context): on the tiny preset's 5000 scenes, longer training memorises them,
-    # and with 1-3 questions the lookups ("What colour is the diamond?") were found late or never
-    # (docs/ablations.md); within an hour on 2 cores
+    # and with 1-3 questions the lookups ("What colour is the diamond?") were found late or never; stage II's 6000
+    # steps find both lookups where 3500 found one (docs/ablations.md); within an hour on 2 cores
     "long": TrainConfig(preset="long", data_dir="data/builtin-long", stage0_iters=1500, stage1_iters=1500,
-                        stage2_iters=3500, stage3_iters=1200, eval_interval=500, ckpt_interval=500),
+                        stage2_iters=6000, stage3_iters=1200, eval_interval=500, ckpt_interval=500),
     # sized for one GPU by arithmetic, not yet measured on one
     "small": TrainConfig(preset="small", batch_size=32, clip_batch_size=256, stage0_iters=3000, stage1_iters=500,
                          stage2_iters=3000, stage3_iters=1500, stage0_lr=6e-4, stage2_lr=3e-4, stage3_lr=1e-4,
